@@ -1,0 +1,62 @@
+"""The ``upsr`` command: one subcommand per job, each also runnable as ``python -m pipelines.<job>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from upsr.typed_config import ConfigError
+
+# subcommand -> (module under pipelines/ defining add_arguments(parser) and run(args), summary).
+# Only the chosen job's module is imported, so `upsr --help` does not load torch and Ray.
+JOBS = {
+    "synth": ("synth", "synthesise LR/HR training pairs from HR photographs into Parquet (Ray Data)"),
+    "synth-verify": ("synth_verify", "re-generate sampled rows of a dataset and check they match"),
+}
+
+log = logging.getLogger("upsr")
+
+
+def build_parser(job: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upsr", description=__doc__)
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, (module_name, summary) in JOBS.items():
+        job_parser = sub.add_parser(name, help=summary, description=summary)
+        if name == job:
+            module = importlib.import_module(f"pipelines.{module_name}")
+            module.add_arguments(job_parser)
+            job_parser.set_defaults(run=module.run)
+    return parser
+
+
+def run_job(module, argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.<job>``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__)
+    module.add_arguments(parser)
+    return _execute(module.run, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(job).parse_args(argv)
+    return _execute(args.run, args)
+
+
+def _execute(run, args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args) or 0
+    except (ConfigError, UserError) as error:
+        log.error("%s", error)
+        return 2
+
+
+class UserError(Exception):
+    """Bad input the user can fix (a path, a flag, a dataset); printed without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
