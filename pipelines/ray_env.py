@@ -1,0 +1,28 @@
+"""Connecting to Ray: a configured cluster, RAY_ADDRESS, or a fresh local instance."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from pipelines.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(settings: RayConfig) -> None:
+    """Connect once per process. Without an address, start a private local instance.
+
+    ``address="local"`` is explicit on purpose: a bare ``ray.init()`` would attach to any Ray
+    cluster already running on this machine, someone else's included.
+    """
+    if ray.is_initialized():
+        return
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False)

@@ -1,0 +1,284 @@
+"""Synthesise LR/HR training pairs from HR photographs into sharded Parquet (Ray Data).
+
+Pipeline: list files -> read bytes and decode to 8-bit RGB -> random HR crops -> degrade in an
+actor pool (CPU or GPU actors) -> PNG-encode -> Parquet shards, quarantine table, manifest.
+
+Every crop's degradation is drawn from a seed derived from the config seed and the crop id,
+so the same inputs and config give the same rows however many workers run and in whatever
+order files are listed. The manifest is written last: a dataset without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, Datasink
+
+from degradations import Degrader, sample
+from degradations.config import DegradationConfig
+from pipelines import config as config_module
+from pipelines import storage
+from pipelines.cli import UserError, run_job
+from pipelines.config import Config
+from pipelines.dataset import MANIFEST, QUARANTINE, SCHEMA_VERSION, SHARD_SCHEMA
+from pipelines.images import RejectedImage, decode_rgb, derive_seed, encode_png, random_crops
+from pipelines.ray_env import init_ray
+from upsr.typed_config import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "_config.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", help="folder or s3:// prefix of HR images (default: the sample photographs "
+                                        "that scikit-image ships, exported to runs/sample_photos)")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the dataset")
+    add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (e.g. configs/tiny.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set degradation.jpeg_range=[40,90]")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config, args.set)
+    source = args.input or str(export_sample_photos(Path("runs/sample_photos")))
+    manifest = synthesize(source, args.output, config, overwrite=args.overwrite)
+    counts = manifest["counts"]
+    log.info("wrote %d rows from %d of %d files (%d quarantined) to %s", counts["rows"], counts["files_processed"],
+             counts["files_seen"], counts["files_quarantined"], args.output)
+    return 0
+
+
+def sample_photos() -> dict[str, Any]:
+    """scikit-image's bundled colour photographs (shipped in its wheel: no download)."""
+    import skimage.data
+
+    return {
+        "astronaut": skimage.data.astronaut, "chelsea": skimage.data.chelsea, "coffee": skimage.data.coffee,
+        "hubble_deep_field": skimage.data.hubble_deep_field,
+        "immunohistochemistry": skimage.data.immunohistochemistry,
+        "motorcycle_left": lambda: skimage.data.stereo_motorcycle()[0],
+        "motorcycle_right": lambda: skimage.data.stereo_motorcycle()[1],
+        "retina": skimage.data.retina, "rocket": skimage.data.rocket,
+    }
+
+
+def export_sample_photos(folder: Path) -> Path:
+    """Write the sample photographs as PNG files (once) and return the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, load in sample_photos().items():
+        target = folder / f"{name}.png"
+        if not target.exists():
+            storage.write_bytes(storage.resolve(str(folder)), target.name, encode_png(load(), 3))
+    return folder
+
+
+def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Run the synthesis job; returns the manifest it wrote."""
+    storage_config = config.storage
+    source = storage.resolve(source_uri, storage_config.s3_endpoint, storage_config.s3_region)
+    output = storage.resolve(output_uri, storage_config.s3_endpoint, storage_config.s3_region)
+    if storage.list_files(output):
+        if not overwrite:
+            raise UserError(f"{output_uri} already holds files; pass --overwrite to replace the dataset")
+        log.info("removing the existing dataset at %s (--overwrite)", output_uri)
+        storage.delete_contents(output, first=MANIFEST)
+
+    extensions = tuple(e.lower() for e in config.synth.extensions)
+    listing = [info for info in storage.list_files(source) if info.path.lower().endswith(extensions)]
+    if not listing:
+        raise UserError(f"no image files ({', '.join(extensions)}) under {source_uri}")
+    files = [{"path": info.path, "source": storage.relative(source, info.path)} for info in listing]
+    log.info("found %d image files under %s", len(files), source_uri)
+
+    storage.write_bytes(output, CONFIG_FILE, config_module.to_yaml(config).encode())
+    init_ray(config.ray)
+    synth = config.synth
+    sink = SynthDatasink(output, config, files_seen=len(files))
+    (
+        ray.data.from_items(files, override_num_blocks=min(len(files), 200))
+        .map_batches(load_crops, fn_kwargs={"source": source, "settings": to_dict(synth)}, batch_size=1,
+                     batch_format="pyarrow")
+        .map_batches(DegradeCrops, fn_constructor_kwargs={"degradation": to_dict(config.degradation)},
+                     batch_size=synth.batch_size, batch_format="pyarrow",
+                     compute=ActorPoolStrategy(min_size=1, max_size=synth.max_actors or None),
+                     num_cpus=synth.actor_cpus, num_gpus=synth.actor_gpus)
+        .map_batches(encode_pairs, fn_kwargs={"compression": synth.png_compression, "scale": config.degradation.scale},
+                     batch_format="pyarrow")
+        .write_datasink(sink)
+    )
+    if sink.manifest is None:
+        raise RuntimeError("the dataset writer finished without writing a manifest")
+    if sink.manifest["counts"]["files_processed"] == 0:
+        raise UserError(f"none of the {len(files)} image files under {source_uri} could be processed; "
+                        f"reasons are in {output.child_uri(QUARANTINE)}")
+    return sink.manifest
+
+
+# Columns passed between stages: a crop's pixels travel as raw bytes (shape from crop_size) and
+# a rejected file travels as a row with a reason, so every stage sees one flat schema.
+STAGE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("x", pa.int32()), ("y", pa.int32()),
+    ("size", pa.int32()), ("seed", pa.int64()), ("hr_raw", pa.binary()), ("reason", pa.string()),
+])
+
+
+def load_crops(batch: pa.Table, source: storage.Location, settings: dict[str, Any]) -> pa.Table:
+    """Read, decode and crop files; unusable files become rows that only carry a reason."""
+    synth = from_dict(config_module.SynthConfig, settings)
+    rows: list[dict[str, Any]] = []
+    for path, name in zip(batch["path"].to_pylist(), batch["source"].to_pylist()):
+        try:
+            image = decode_rgb(storage.read_bytes(source, path), synth.max_pixels, synth.min_side)
+        except RejectedImage as rejection:
+            rows.append({"id": None, "source": name, "x": 0, "y": 0, "size": 0, "seed": 0, "hr_raw": b"",
+                         "reason": str(rejection)})
+            continue
+        except OSError as error:
+            rows.append({"id": None, "source": name, "x": 0, "y": 0, "size": 0, "seed": 0, "hr_raw": b"",
+                         "reason": f"unreadable: {error}"})
+            continue
+        crops = random_crops(image, synth.crops_per_image, synth.crop_size, derive_seed(synth.seed, "crops", name))
+        for index, (x, y, crop) in enumerate(crops):
+            crop_id = f"{name}#{index}"
+            rows.append({"id": crop_id, "source": name, "x": x, "y": y, "size": synth.crop_size,
+                         "seed": derive_seed(synth.seed, crop_id), "hr_raw": crop.tobytes(), "reason": None})
+    return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
+
+
+class DegradeCrops:
+    """Actor: holds one ``Degrader`` (and its DiffJPEG tables on the GPU) for its lifetime."""
+
+    def __init__(self, degradation: dict[str, Any]):
+        import cv2
+
+        cv2.setNumThreads(1)  # one CPU per actor: parallelism comes from the pool
+        self.config = from_dict(DegradationConfig, degradation)
+        self.degrader = Degrader(self.config.primitives, self.config.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = [i for i, reason in enumerate(batch["reason"].to_pylist()) if reason is None]
+        lr_raw: list[bytes] = [b""] * batch.num_rows
+        records: list[str | None] = [None] * batch.num_rows
+        if good:
+            sizes = batch["size"].to_pylist()
+            hr_raw = batch["hr_raw"].to_pylist()
+            seeds = batch["seed"].to_pylist()
+            hr = np.stack([np.frombuffer(hr_raw[i], np.uint8).reshape(sizes[i], sizes[i], 3) for i in good])
+            drawn = [sample(seeds[i], self.config) for i in good]
+            lr = self.degrader.apply(hr, drawn)
+            for k, i in enumerate(good):
+                lr_raw[i] = lr[k].tobytes()
+                records[i] = json.dumps(drawn[k], sort_keys=True)
+        return batch.append_column("lr_raw", pa.array(lr_raw, pa.binary())).append_column(
+            "degradation", pa.array(records, pa.string()))
+
+
+def encode_pairs(batch: pa.Table, compression: int, scale: int) -> pa.Table:
+    hr_png, lr_png = [], []
+    for size, hr_raw, lr_raw in zip(batch["size"].to_pylist(), batch["hr_raw"].to_pylist(),
+                                    batch["lr_raw"].to_pylist()):
+        if not hr_raw:
+            hr_png.append(b"")
+            lr_png.append(b"")
+            continue
+        hr_png.append(encode_png(np.frombuffer(hr_raw, np.uint8).reshape(size, size, 3), compression))
+        lr_side = size // scale
+        lr_png.append(encode_png(np.frombuffer(lr_raw, np.uint8).reshape(lr_side, lr_side, 3), compression))
+    batch = batch.drop_columns(["hr_raw", "lr_raw"])
+    return batch.append_column("hr_png", pa.array(hr_png, pa.binary())).append_column(
+        "lr_png", pa.array(lr_png, pa.binary()))
+
+
+class SynthDatasink(Datasink):
+    """Writes good rows to Parquet shards; returns rejected files to the driver for the quarantine.
+
+    ``on_write_complete`` runs on the driver after every shard is written and writes the
+    quarantine table and, last, the manifest.
+    """
+
+    def __init__(self, output: storage.Location, config: Config, files_seen: int):
+        self.output = output
+        self.config = config
+        self.files_seen = files_seen
+        self.manifest: dict[str, Any] | None = None
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.config.synth.rows_per_file
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        table = pa.concat_tables([block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                                  for block in blocks])
+        reasons = table["reason"]
+        rejected = table.filter(reasons.is_valid()).select(["source", "reason"])
+        good = table.filter(reasons.is_null())
+        good = good.sort_by("id")
+        shards = []
+        per_file = self.config.synth.rows_per_file
+        for part, start in enumerate(range(0, good.num_rows, per_file)):
+            name = f"part-{ctx.task_idx:05d}-{part:03d}.parquet"
+            rows = to_shard(good.slice(start, per_file))
+            path = self.output.join(name)
+            pq.write_table(rows, path, filesystem=self.output.fs, row_group_size=self.config.synth.row_group_rows,
+                           compression={name: ("NONE" if name.endswith("_png") else "ZSTD")
+                                        for name in rows.column_names})
+            shards.append({"file": name, "rows": rows.num_rows})
+        return {"shards": shards, "rejected": rejected.to_pylist(), "sources": sorted(set(good["source"].to_pylist()))}
+
+    def on_write_complete(self, write_result) -> None:
+        returns = write_result.write_returns
+        shards = sorted((s for r in returns for s in r["shards"]), key=lambda s: s["file"])
+        rejected = sorted((q for r in returns for q in r["rejected"]), key=lambda q: q["source"])
+        processed = {source for r in returns for source in r["sources"]}
+        if len(processed) + len(rejected) != self.files_seen:
+            raise RuntimeError(f"{self.files_seen} files listed but {len(processed)} processed and "
+                               f"{len(rejected)} quarantined: refusing to write a manifest")
+        quarantine = pa.Table.from_pylist(rejected, schema=pa.schema([("source", pa.string()), ("reason", pa.string())]))
+        sink = pa.BufferOutputStream()
+        pq.write_table(quarantine, sink)
+        storage.write_bytes(self.output, QUARANTINE, sink.getvalue().to_pybytes())
+        self.manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "package_version": metadata.version("upsr-ray"),
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": to_dict(self.config),
+            "counts": {
+                "files_seen": self.files_seen,
+                "files_processed": len(processed),
+                "files_quarantined": len(rejected),
+                "rows": sum(s["rows"] for s in shards),
+            },
+            "shards": shards,
+            "columns": SHARD_SCHEMA.names,
+        }
+        storage.write_bytes(self.output, MANIFEST, json.dumps(self.manifest, indent=2).encode())
+
+
+def to_shard(table: pa.Table) -> pa.Table:
+    crop = pa.StructArray.from_arrays(
+        [table["x"].combine_chunks(), table["y"].combine_chunks(), table["size"].combine_chunks(),
+         table["size"].combine_chunks()], names=["x", "y", "w", "h"])
+    columns = {"id": table["id"], "source": table["source"], "crop": crop, "seed": table["seed"],
+               "degradation": table["degradation"], "hr_png": table["hr_png"], "lr_png": table["lr_png"]}
+    return pa.table(columns, schema=SHARD_SCHEMA)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.modules[__name__]))
