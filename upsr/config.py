@@ -8,7 +8,7 @@ the key; ``upsr.typed_config`` adds the file and section to the message.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -62,3 +62,145 @@ class NoiseWeightConfig:
             raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
         if not self.sharpness > 0:
             raise ValueError(f"sharpness must be > 0, got {self.sharpness!r}")
+
+
+# --- networks, losses, metrics and inference ------------------------------------------------
+
+# basicsr's SwinIR "light" x4 (~0.9M parameters): window 8 and a direct pixel-shuffle upsampler.
+SWINIR_LIGHT_X4 = {
+    "upscale": 4,
+    "in_chans": 3,
+    "img_size": 64,
+    "window_size": 8,
+    "img_range": 1.0,
+    "depths": [6, 6, 6, 6],
+    "embed_dim": 60,
+    "num_heads": [6, 6, 6, 6],
+    "mlp_ratio": 2,
+    "upsampler": "pixelshuffledirect",
+    "resi_connection": "1conv",
+}
+
+
+@dataclass
+class DenoiserConfig:
+    """ResShift's Swin-UNet in pixel space (DESIGN §1); the defaults are the paper's ~119M model."""
+
+    scale: int = 4  # PixelUnshuffle factor of the first stage; also the SR factor of the head
+    model_channels: int = 160
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    dropout: float = 0.0
+    swin_dim: int = 192
+    swin_heads: int = 6
+    swin_depth: int = 2
+    window_size: int = 8
+    mlp_ratio: float = 4.0
+    head_channels: int = 128
+    # False gives the ResShift-style baseline: the condition is y alone (48 channels after
+    # unshuffling) instead of [g(y), y] (96 channels).
+    use_sr_condition: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("model_channels", "num_res_blocks", "norm_groups", "swin_dim", "swin_heads",
+                     "swin_depth", "window_size", "head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scale < 2 or self.scale & (self.scale - 1):
+            raise ValueError(f"scale must be a power of two >= 2, got {self.scale}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % self.norm_groups:
+                raise ValueError(f"model_channels * {mult} = {self.model_channels * mult} is not divisible by "
+                                 f"norm_groups {self.norm_groups}")
+        if self.swin_dim % self.swin_heads:
+            raise ValueError(f"swin_dim {self.swin_dim} is not divisible by swin_heads {self.swin_heads}")
+        if self.swin_dim % self.norm_groups:
+            raise ValueError(f"swin_dim {self.swin_dim} is not divisible by norm_groups {self.norm_groups}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def lr_multiple(self) -> int:
+        """LR sides must be multiples of this: every UNet level's feature map tiles into Swin windows.
+
+        The first stage unshuffles HR by ``scale``, so unshuffled sides equal LR sides.
+        """
+        return self.window_size * 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class AuxConfig:
+    """The frozen auxiliary SR net g, any architecture in basicsr's ARCH_REGISTRY."""
+
+    arch: str = "SwinIR"
+    options: dict[str, Any] = field(default_factory=lambda: dict(SWINIR_LIGHT_X4))
+    # A basicsr-style checkpoint (.pth with "params"/"params_ema", or .safetensors); None
+    # leaves the net randomly initialised, which only tests and smoke runs should do.
+    weights: str | None = None
+    # Key inside a .pth checkpoint; None picks "params_ema", else "params", else the file itself.
+    weights_key: str | None = None
+    # LR sides are reflect-padded to a multiple of this before the net (window attention needs it).
+    pad_multiple: int = 8
+    # Training loss of the aux net itself (train-aux job): l1_weight * L1 + lpips_weight * LPIPS.
+    l1_weight: float = 1.0
+    lpips_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.arch:
+            raise ValueError("arch must name a basicsr architecture, e.g. SwinIR or MSRResNet")
+        if self.pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
+        if self.l1_weight < 0 or self.lpips_weight < 0:
+            raise ValueError("l1_weight and lpips_weight must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    """Diffusion training loss: MSE(x0_hat, x0) + lpips_weight * LPIPS_vgg(clamp(x0_hat), x0)."""
+
+    lpips_weight: float = 0.5
+    # torchvision's VGG16 ImageNet weights (vgg16-397923af.pth); None: the torch hub cache
+    # ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints).
+    lpips_backbone: str | None = None
+    # Tests only: a missing backbone becomes a random one (the loss value is then meaningless).
+    allow_random_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lpips_weight < 0:
+            raise ValueError(f"lpips_weight must be >= 0, got {self.lpips_weight}")
+
+
+@dataclass
+class MetricsConfig:
+    """Full-reference metrics: PSNR/SSIM on the Y channel (images in [0, 1]) and LPIPS."""
+
+    crop_border: int = 0
+    test_y_channel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop_border < 0:
+            raise ValueError(f"crop_border must be >= 0, got {self.crop_border}")
+
+
+@dataclass
+class InferenceConfig:
+    """Sampling and tiling of ``UPSRPipeline.upscale``; tile sizes are in LR pixels."""
+
+    sampler: Literal["ddim", "ancestral"] = "ddim"
+    seed: int = 0
+    # The authors' setting for large images: LR tiles of 512 with stride 448 (64 px overlap).
+    tile: int = 512
+    stride: int = 448
+    # Tiles per network call.
+    tile_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tile < 1 or self.tile_batch < 1:
+            raise ValueError("tile and tile_batch must be >= 1")
+        if not 1 <= self.stride <= self.tile:
+            raise ValueError(f"stride must be in [1, tile={self.tile}], got {self.stride}")
