@@ -99,45 +99,46 @@ class Degrader:
         images = torch.from_numpy(hr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         # Stage-1 blur runs on the whole batch: all crops still share one size.
         kernels = np.stack([build_kernel(r["stage1"]["kernel"]) for r in records])
-        blurred = self._blur(images, kernels)
-        lr = [self._rest(blurred[i:i + 1], records[i], hr.shape[1:3]) for i in range(len(records))]
+        blurred = self.blur(images, kernels)
+        lr = [self._after_first_blur(blurred[i:i + 1], records[i], hr.shape[1:3]) for i in range(len(records))]
         return torch.cat(lr).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
-    def _rest(self, image: torch.Tensor, record: dict[str, Any], hr_size: tuple[int, int]) -> torch.Tensor:
+    def _after_first_blur(self, image: torch.Tensor, record: dict[str, Any], hr_size: tuple[int, int]) -> torch.Tensor:
         scale = record["scale"]
         stage1 = record["stage1"]
         resize = stage1["resize"]
         image = F.interpolate(image, scale_factor=resize["scale"], mode=resize["mode"])
-        image = self._noise(image, stage1["noise"])
-        image = self._jpeg_compress(image, stage1["jpeg_quality"])
+        image = self.add_noise(image, stage1["noise"])
+        image = self.jpeg(image, stage1["jpeg_quality"])
 
         stage2 = record["stage2"]
         if stage2 is not None:
             if stage2["kernel"] is not None:
-                image = self._blur(image, build_kernel(stage2["kernel"])[None])
+                image = self.blur(image, build_kernel(stage2["kernel"])[None])
             resize = stage2["resize"]
             size = (int(hr_size[0] / scale * resize["scale"]), int(hr_size[1] / scale * resize["scale"]))
             image = F.interpolate(image, size=size, mode=resize["mode"])
-            image = self._noise(image, stage2["noise"])
-            image = self._jpeg_compress(image, stage2["jpeg_quality"])
+            image = self.add_noise(image, stage2["noise"])
+            image = self.jpeg(image, stage2["jpeg_quality"])
 
         final = record["final"]
         lr_size = (hr_size[0] // scale, hr_size[1] // scale)
         if final["order"] == "resize_then_jpeg":
             image = self._resize_and_sinc(image, lr_size, final)
-            image = self._jpeg_compress(image, final["jpeg_quality"])
+            image = self.jpeg(image, final["jpeg_quality"])
         else:
-            image = self._jpeg_compress(image, final["jpeg_quality"])
+            image = self.jpeg(image, final["jpeg_quality"])
             image = self._resize_and_sinc(image, lr_size, final)
         return torch.clamp((image * 255.0).round(), 0, 255)
 
     def _resize_and_sinc(self, image, lr_size, final):
         image = F.interpolate(image, size=lr_size, mode=final["resize_mode"])
         if final["sinc"] is not None:
-            image = self._blur(image, build_kernel(final["sinc"])[None])
+            image = self.blur(image, build_kernel(final["sinc"])[None])
         return image
 
-    def _blur(self, images: torch.Tensor, kernels: np.ndarray) -> torch.Tensor:
+    def blur(self, images: torch.Tensor, kernels: np.ndarray) -> torch.Tensor:
+        """Correlate each image (N, 3, H, W) with its kernel (N, k, k), reflect-padded."""
         if self.primitives == "basicsr":
             # basicsr's filter2D reshapes with view(), which needs contiguous input (e.g. after DiffJPEG).
             return filter2D(images.contiguous(), torch.from_numpy(kernels).to(images.device))
@@ -149,7 +150,8 @@ class Degrader:
                 out[i, c] = cv2.filter2D(planes[i, c], -1, kernel, borderType=cv2.BORDER_REFLECT_101)
         return torch.from_numpy(out)
 
-    def _jpeg_compress(self, image: torch.Tensor, quality: int) -> torch.Tensor:
+    def jpeg(self, image: torch.Tensor, quality: int) -> torch.Tensor:
+        """JPEG round trip of one image (1, 3, H, W) at an integer quality."""
         image = torch.clamp(image, 0, 1)
         if self.primitives == "basicsr":
             return self._jpeg(image.contiguous(), quality=image.new_tensor([float(quality)]))
@@ -162,7 +164,8 @@ class Degrader:
         planes = np.stack([decoded[..., 2], decoded[..., 1], decoded[..., 0]]).astype(np.float32) / 255.0
         return torch.from_numpy(planes)[None]
 
-    def _noise(self, image: torch.Tensor, noise: dict[str, Any]) -> torch.Tensor:
+    def add_noise(self, image: torch.Tensor, noise: dict[str, Any]) -> torch.Tensor:
+        """Add a record's Gaussian or Poisson noise to one image (1, 3, H, W), clipped to [0, 1]."""
         gray = 1.0 if noise["gray"] else 0.0
         devices = [image.device] if image.device.type == "cuda" else []
         # basicsr draws from torch's global generator; a forked, seeded one makes the field replayable.

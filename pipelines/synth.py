@@ -124,8 +124,6 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
         .write_datasink(sink)
     )
     if sink.manifest is None:
-        raise RuntimeError("the dataset writer finished without writing a manifest")
-    if sink.manifest["counts"]["files_processed"] == 0:
         raise UserError(f"none of the {len(files)} image files under {source_uri} could be processed; "
                         f"reasons are in {output.child_uri(QUARANTINE)}")
     return sink.manifest
@@ -210,7 +208,8 @@ class SynthDatasink(Datasink):
     """Writes good rows to Parquet shards; returns rejected files to the driver for the quarantine.
 
     ``on_write_complete`` runs on the driver after every shard is written and writes the
-    quarantine table and, last, the manifest.
+    quarantine table and, last, the manifest (kept in ``self.manifest``; None when no file
+    could be processed).
     """
 
     def __init__(self, output: storage.Location, config: Config, files_seen: int):
@@ -254,6 +253,8 @@ class SynthDatasink(Datasink):
         sink = pa.BufferOutputStream()
         pq.write_table(quarantine, sink)
         storage.write_bytes(self.output, QUARANTINE, sink.getvalue().to_pybytes())
+        if not processed:
+            return  # no manifest: an empty dataset is a failed synthesis, not a finished one
         self.manifest = {
             "schema_version": SCHEMA_VERSION,
             "package_version": metadata.version("upsr-ray"),

@@ -1,0 +1,68 @@
+"""Typed configs: YAML files and --set overrides, with errors that name the key."""
+
+import pytest
+
+from pipelines import config as config_module
+from upsr.typed_config import ConfigError, flatten, to_dict
+
+
+def test_defaults_are_the_papers_values():
+    config = config_module.load()
+    assert config.degradation.jpeg_range == (30, 95)
+    assert config.degradation.kernel_prob == (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    assert config.degradation.second_order_prob == 1.0
+    assert config.synth.crop_size == 256
+
+
+def test_dotted_overrides_keep_yaml_types():
+    config = config_module.load("configs/tiny.yaml", ["degradation.jpeg_range=[40,90]", "synth.seed=7",
+                                                       "degradation.gaussian_noise_prob=1", "ray.address=null"])
+    assert config.degradation.jpeg_range == (40, 90)
+    assert config.synth.seed == 7
+    assert config.degradation.gaussian_noise_prob == 1.0 and isinstance(config.degradation.gaussian_noise_prob, float)
+    assert config.ray.address is None
+    assert config.synth.crops_per_image == 2  # from tiny.yaml
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key degradation\.jpeg_rnage"):
+        config_module.load(None, ["degradation.jpeg_rnage=[40,90]"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("synth:\n  crops_per_imag: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*unknown key synth\.crops_per_imag"):
+        config_module.load(path)
+    with pytest.raises(ConfigError, match="unknown key nonsense"):
+        config_module.load(None, ["nonsense.key=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("synth.seed=abc", r"synth\.seed: expected an integer, got 'abc'"),
+    ("synth.seed=true", r"synth\.seed: expected an integer"),
+    ("degradation.jpeg_range=[40]", r"degradation\.jpeg_range: expected 2 values"),
+    ("degradation.jpeg_range=[40, x]", r"degradation\.jpeg_range\[1\]: expected an integer"),
+    ("degradation.primitives=magic", r"degradation\.primitives: 'magic' is not one of"),
+    ("degradation.kernel_prob=[0.5,0.5,0,0,0,0.5]", "kernel_prob must be non-negative and sum to 1"),
+    ("degradation.jpeg_range=[30,120]", "JPEG quality is at most 100"),
+    ("synth=3", r"synth: expected a section"),
+    ("synth.seed", "expected KEY=VALUE"),
+])
+def test_wrong_values_are_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_module.load(None, [override])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = config_module.load("configs/tiny.yaml", ["degradation.jpeg_range=[40,90]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_module.to_yaml(config))
+    assert config_module.load(path) == config
+    assert flatten(to_dict(config))["degradation.jpeg_range"] == [40, 90]
+
+
+def test_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_module.load(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("synth: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{broken} is not valid YAML"):
+        config_module.load(broken)
