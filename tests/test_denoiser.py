@@ -1,0 +1,104 @@
+"""The Swin-UNet denoiser: paper-size parameter count, tiny forward/backward, sampler adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from upsr.config import DenoiserConfig
+from upsr.denoiser import SwinBlock, build_denoiser, count_parameters, make_denoise_fn
+
+PAPER_PARAMETERS = 119.4e6
+
+
+def test_paper_size_parameter_count_matches_the_paper():
+    with torch.device("meta"):  # count only: no memory, no forward at full size
+        denoiser = build_denoiser(DenoiserConfig())
+    assert abs(count_parameters(denoiser) - PAPER_PARAMETERS) / PAPER_PARAMETERS < 0.03
+
+
+def test_paper_config_file_equals_the_defaults(tiny_config):
+    from pipelines.config import load
+
+    from tests.conftest import REPO
+
+    paper = load(REPO / "configs" / "upsr_x4.yaml")
+    assert paper.denoiser == DenoiserConfig()
+    assert count_parameters(build_denoiser(tiny_config.denoiser)) < 2e6
+
+
+def test_tiny_forward_shape_and_gradient_reaches_every_parameter(tiny_config):
+    torch.manual_seed(0)
+    denoiser = build_denoiser(tiny_config.denoiser)
+    x_t = torch.randn(2, 3, 64, 64)
+    cond = torch.randn(2, 6, 64, 64)
+    t = torch.tensor([0, 4])
+    target = torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+    # The output conv and every res-block's last conv start at zero, which blocks gradients to
+    # everything behind them; two steps make them non-zero, the third backward is checked.
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = denoiser(x_t, t, cond)
+        torch.nn.functional.mse_loss(out, target).backward()
+        optimizer.step()
+    assert out.shape == (2, 3, 64, 64)
+    without_gradient = [name for name, p in denoiser.named_parameters()
+                        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert without_gradient == []
+
+
+def test_output_conv_starts_at_zero(tiny_config):
+    denoiser = build_denoiser(tiny_config.denoiser)
+    out = denoiser(torch.randn(1, 3, 64, 64), torch.tensor([2]), torch.randn(1, 6, 64, 64))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_baseline_condition_is_y_alone(tiny_config):
+    from dataclasses import replace
+
+    denoiser = build_denoiser(replace(tiny_config.denoiser, use_sr_condition=False))
+    assert denoiser.input_conv.in_channels == 48 + 48
+    assert build_denoiser(tiny_config.denoiser).input_conv.in_channels == 48 + 96
+    assert denoiser(torch.randn(1, 3, 64, 64), torch.tensor([1]), torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="use_sr_condition=False"):
+        denoiser(torch.randn(1, 3, 64, 64), torch.tensor([1]), torch.randn(1, 6, 64, 64))
+
+
+def test_sizes_off_the_window_grid_are_refused(tiny_config):
+    denoiser = build_denoiser(tiny_config.denoiser)
+    assert tiny_config.denoiser.lr_multiple == 16
+    with pytest.raises(ValueError, match="multiple of the Swin window"):
+        denoiser(torch.randn(1, 3, 96, 96), torch.tensor([0]), torch.randn(1, 6, 96, 96))
+
+
+def test_shifted_window_block_matches_a_rolled_plain_block_without_border_windows():
+    """Away from the wrapped border, shifting windows by s equals rolling the image by -s
+    before a plain block: the mask only changes windows that contain wrapped-around tokens."""
+    torch.manual_seed(0)
+    shifted = SwinBlock(16, heads=2, window=4, shift=2, mlp_ratio=2.0, groups=4)
+    plain = SwinBlock(16, heads=2, window=4, shift=0, mlp_ratio=2.0, groups=4)
+    # The MLP's GroupNorm pools statistics over the whole map, masked windows included; take it out.
+    torch.nn.init.zeros_(shifted.mlp[-1].weight)
+    torch.nn.init.zeros_(shifted.mlp[-1].bias)
+    plain.load_state_dict(shifted.state_dict())
+    x = torch.randn(1, 16, 16, 16)
+    expected = torch.roll(plain(torch.roll(x, (-2, -2), dims=(2, 3))), (2, 2), dims=(2, 3))
+    # Exclude the last window row/column (in rolled coordinates) where wrapped tokens are masked.
+    interior = (slice(None), slice(None), slice(2, 14), slice(2, 14))
+    torch.testing.assert_close(shifted(x)[interior], expected[interior])
+
+
+def test_denoise_fn_drives_the_sampler(tiny_parts):
+    denoiser, _, diffusion = tiny_parts
+    seen = []
+
+    def spy(x_t, t, cond):
+        seen.append(int(t[0]))
+        return make_denoise_fn(denoiser, diffusion)(x_t, t, cond)
+
+    y = torch.rand(1, 3, 64, 64) * 2 - 1
+    cond = torch.cat([y, y], dim=1)
+    out = diffusion.sample(spy, y, cond, torch.ones_like(y), generator=torch.Generator().manual_seed(0))
+    assert out.shape == y.shape and out.abs().max() <= 1
+    assert seen == list(reversed(range(diffusion.num_steps)))
