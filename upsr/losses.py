@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upsr.config import LossConfig
+from upsr.diffusion import UNWDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class DiffusionLoss(nn.Module):
 
 def training_loss(
     denoiser: nn.Module,
-    diffusion,
+    diffusion: UNWDiffusion,
     loss: DiffusionLoss,
     x0: torch.Tensor,
     y: torch.Tensor,

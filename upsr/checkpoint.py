@@ -1,0 +1,187 @@
+"""The UPSR checkpoint: a folder of plain files, safe to load from anywhere.
+
+    weights.safetensors  denoiser tensors under "denoiser.", aux-net tensors under "aux."
+    config.json          the resolved denoiser, aux, diffusion, weight and inference sections
+    schedule.json        the etas the model was trained with
+    format.json          format name and version, and the SHA-256 of weights.safetensors
+
+Nothing is unpickled. ``format.json`` is written last, so an interrupted save is detected
+as an incomplete folder. ``upsr.load`` also accepts URIs such as ``models:/upsr@champion``
+through resolvers that other packages register (``register_uri_resolver``), so this library
+never imports a tracking client itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from upsr.aux_net import build_aux_net
+from upsr.config import AuxConfig, DenoiserConfig, DiffusionConfig, InferenceConfig, NoiseWeightConfig
+from upsr.denoiser import build_denoiser
+from upsr.diffusion import UNWDiffusion
+from upsr.inference import UPSRPipeline
+from upsr.typed_config import ConfigError, from_dict, to_dict
+
+FORMAT_NAME = "upsr-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+SCHEDULE_FILE = "schedule.json"
+FORMAT_FILE = "format.json"
+DENOISER_PREFIX = "denoiser."
+AUX_PREFIX = "aux."
+
+UriResolver = Callable[[str], "str | Path"]
+_URI_RESOLVERS: dict[str, UriResolver] = {}
+# A URI scheme of two or more letters, so that Windows drive letters stay paths.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, tampered with or of another format; names the file."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Everything needed to rebuild the pipeline; the content of ``config.json``."""
+
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    weight: NoiseWeightConfig = field(default_factory=NoiseWeightConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+def register_uri_resolver(prefix: str, resolver: UriResolver) -> None:
+    """Let ``upsr.load`` accept URIs starting with ``prefix`` (e.g. "models:/"): ``resolver(uri)``
+    returns a local checkpoint folder (downloading it if needed)."""
+    _URI_RESOLVERS[prefix] = resolver
+
+
+def resolve_checkpoint_path(path_or_uri: str | Path) -> Path:
+    if isinstance(path_or_uri, Path):
+        return path_or_uri
+    for prefix in sorted(_URI_RESOLVERS, key=len, reverse=True):
+        if path_or_uri.startswith(prefix):
+            return Path(_URI_RESOLVERS[prefix](path_or_uri))
+    scheme = _SCHEME.match(path_or_uri)
+    if scheme:
+        known = ", ".join(sorted(_URI_RESOLVERS)) or "none"
+        raise CheckpointError(f"{path_or_uri}: no resolver is registered for {scheme.group(1)}: URIs "
+                              f"(registered prefixes: {known}); import the package that provides it "
+                              "(pipelines register models:/ for the MLflow registry) or pass a local folder")
+    return Path(path_or_uri)
+
+
+def save_checkpoint(folder: str | Path, denoiser: nn.Module, aux_net: nn.Module, diffusion: UNWDiffusion,
+                    config: CheckpointConfig) -> Path:
+    """Write the checkpoint folder (created if needed; existing checkpoint files are replaced)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FORMAT_FILE).unlink(missing_ok=True)  # the folder is incomplete until format.json is back
+    tensors = {DENOISER_PREFIX + name: tensor for name, tensor in denoiser.state_dict().items()}
+    tensors.update({AUX_PREFIX + name: tensor for name, tensor in aux_net.state_dict().items()})
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
+              str(folder / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+    # The aux weights live in weights.safetensors now; a path here would point at another machine.
+    stored = replace(config, aux=replace(config.aux, weights=None, weights_key=None))
+    _write_json(folder / CONFIG_FILE, to_dict(stored))
+    _write_json(folder / SCHEDULE_FILE, {"etas": diffusion.etas.tolist(), "kappa": diffusion.kappa})
+    _write_json(folder / FORMAT_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                                       "weights_sha256": _sha256(folder / WEIGHTS_FILE)})
+    return folder
+
+
+def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
+    """The pipeline stored in a checkpoint folder (or a URI a registered resolver maps to one)."""
+    folder = resolve_checkpoint_path(path_or_uri)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder (it does not exist or is a file)")
+    format_info = _read_json(folder / FORMAT_FILE, "is this an UPSR checkpoint folder?")
+    if format_info.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{folder / FORMAT_FILE}: format is {format_info.get('format')!r}, "
+                              f"not {FORMAT_NAME!r}: this folder holds something else")
+    if format_info.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / FORMAT_FILE}: format version {format_info.get('version')!r} is not "
+                              f"supported by this code (it reads version {FORMAT_VERSION})")
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    if _sha256(weights_path) != format_info.get("weights_sha256"):
+        raise CheckpointError(f"{weights_path} does not match the checksum in {FORMAT_FILE}: "
+                              "the file was truncated or modified after saving")
+
+    try:
+        config = from_dict(CheckpointConfig, _read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    schedule = _read_json(folder / SCHEDULE_FILE)
+    try:
+        diffusion = UNWDiffusion(torch.tensor(schedule["etas"], dtype=torch.float64), schedule["kappa"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / SCHEDULE_FILE}: not a valid schedule: {error}") from None
+    if diffusion.num_steps != config.diffusion.steps:
+        raise CheckpointError(f"{folder / SCHEDULE_FILE} has {diffusion.num_steps} etas but "
+                              f"{CONFIG_FILE} says diffusion.steps = {config.diffusion.steps}")
+
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} cannot be read: {error}") from None
+    denoiser = build_denoiser(config.denoiser)
+    aux_net = build_aux_net(config.aux)
+    _load_prefixed(denoiser, tensors, DENOISER_PREFIX, weights_path)
+    _load_prefixed(aux_net, tensors, AUX_PREFIX, weights_path)
+    for module in (denoiser, aux_net):
+        module.requires_grad_(False)
+    pipeline = UPSRPipeline(denoiser, aux_net, diffusion, config.weight, config.inference)
+    return pipeline.to(device)
+
+
+def load(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
+    """``upsr.load``: a ready ``UPSRPipeline`` from a checkpoint folder or a registered URI."""
+    return load_checkpoint(path_or_uri, device)
+
+
+def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    state = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors under {prefix!r}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the networks described in {CONFIG_FILE}: {error}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _read_json(path: Path, hint: str = "") -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing" + (f" ({hint})" if hint else ""))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
