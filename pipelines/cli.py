@@ -14,6 +14,8 @@ from upsr.typed_config import ConfigError
 JOBS = {
     "synth": ("synth", "synthesise LR/HR training pairs from HR photographs into Parquet (Ray Data)"),
     "synth-verify": ("synth_verify", "re-generate sampled rows of a dataset and check they match"),
+    "demo": ("demo", "run the project end to end on embedded defaults (sample photographs, local Ray)"),
+    "upscale": ("upscale", "upscale images x4 with a trained UPSR checkpoint"),
 }
 
 log = logging.getLogger("upsr")

@@ -12,6 +12,15 @@ from pathlib import Path
 import yaml
 
 from degradations.config import DegradationConfig
+from upsr.config import (
+    AuxConfig,
+    DenoiserConfig,
+    DiffusionConfig,
+    InferenceConfig,
+    LossConfig,
+    MetricsConfig,
+    NoiseWeightConfig,
+)
 from upsr.typed_config import load_config, to_dict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -77,6 +86,13 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    weight: NoiseWeightConfig = field(default_factory=NoiseWeightConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
         if self.degradation.device == "cuda" and self.synth.actor_gpus <= 0:
