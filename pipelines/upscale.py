@@ -87,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--tile/--stride/--batch (checkpoint defaults: tile {pipeline.inference_config.tile}, "
                         f"stride {pipeline.inference_config.stride}): {error}") from None
-    if pipeline.inference_config.tile % pipeline.lr_multiple:
-        raise UserError(f"--tile must be a multiple of {pipeline.lr_multiple} for this model")
 
     log.info("upscaling %d image(s) on %s with %s", len(pairs), device, args.model)
     for source, target in tqdm(pairs, desc="upscale", unit="image"):

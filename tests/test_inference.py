@@ -124,3 +124,5 @@ def test_bad_inputs_are_named(tiny_checkpoint, tiny_config, tiny_parts):
     denoiser, aux_net, diffusion = tiny_parts
     with pytest.raises(ValueError, match="multiple of 16"):
         UPSRPipeline(denoiser, aux_net, diffusion, tiny_config.weight, InferenceConfig(tile=40, stride=32))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pipeline.inference_config = InferenceConfig(tile=24, stride=24)

@@ -60,7 +60,7 @@ def test_bad_inputs_are_named_without_a_traceback(tmp_path, tiny_checkpoint, cap
     with caplog.at_level(logging.ERROR):
         assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o"),
                      "--model", str(tiny_checkpoint), "--tile", "40", "--stride", "32"]) == 2
-    assert "--tile must be a multiple of 16" in caplog.text
+    assert "inference.tile (40) must be a multiple of 16" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o"),

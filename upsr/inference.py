@@ -89,12 +89,20 @@ class UPSRPipeline:
         self.aux_net = aux_net.eval()
         self.diffusion = diffusion
         self.weight_config = weight_config
-        self.inference_config = inference_config
         self.scale = denoiser.config.scale
         self.lr_multiple = denoiser.config.lr_multiple
-        if inference_config.tile % self.lr_multiple:
-            raise ValueError(f"inference.tile ({inference_config.tile}) must be a multiple of {self.lr_multiple}: "
+        self.inference_config = inference_config
+
+    @property
+    def inference_config(self) -> InferenceConfig:
+        return self._inference_config
+
+    @inference_config.setter
+    def inference_config(self, config: InferenceConfig) -> None:
+        if config.tile % self.lr_multiple:
+            raise ValueError(f"inference.tile ({config.tile}) must be a multiple of {self.lr_multiple}: "
                              "the denoiser's Swin windows at its coarsest level need it")
+        self._inference_config = config
 
     @property
     def device(self) -> torch.device:
