@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from upsr.config import InferenceConfig
-from upsr.inference import UPSRPipeline, blend_window, tile_starts
+from upsr.inference import UPSRPipeline, blend_window, tile_starts, tiled_map
 
 
 class ConvStandIn(nn.Module):
@@ -50,6 +50,19 @@ def test_tiles_cover_every_pixel_and_the_window_never_vanishes():
     window = blend_window(128, 32, torch.device("cpu"), torch.float32)
     assert window.min() > 0 and window.max() == 1 and torch.equal(window, window.flip(0))
     assert torch.equal(blend_window(64, 0, torch.device("cpu"), torch.float32), torch.ones(64))
+
+
+def test_tiled_map_puts_every_upscaled_tile_back_in_its_place():
+    image = torch.rand(2, 3, 40, 56)
+    calls = []
+
+    def upscale_nearest(crops):
+        calls.append(crops.shape[0])
+        return torch.nn.functional.interpolate(crops, scale_factor=4, mode="nearest")
+
+    tiled = tiled_map(upscale_nearest, [image], tile=16, stride=12, tile_batch=5, scale=4)
+    torch.testing.assert_close(tiled, torch.nn.functional.interpolate(image, scale_factor=4, mode="nearest"))
+    assert calls == [10, 10, 10]  # 3 x 5 tiles, 5 per call, 2 images each
 
 
 def test_tiled_and_untiled_runs_agree_without_seams(stand_in_pipeline):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class SRCondition:
 
 @torch.no_grad()
 def sr_condition(
-    aux: nn.Module, lr: torch.Tensor, weight_config: NoiseWeightConfig, use_sr_condition: bool, scale: int = 4
+    aux: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, weight_config: NoiseWeightConfig, use_sr_condition: bool, scale: int = 4
 ) -> SRCondition:
     """``y`` = bicubic x scale of LR, ``g(y)`` = aux(LR), ``w`` from the weight family, and the
     condition image ``[g(y), y]`` (or ``[y]`` for the baseline). ``lr`` is in [0, 1]."""

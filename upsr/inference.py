@@ -10,7 +10,7 @@ a tiled run matches an untiled one away from the network's receptive-field effec
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,29 +47,47 @@ def blend_window(length: int, overlap: int, device: torch.device, dtype: torch.d
     return weight
 
 
+def tiled_map(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], tile: int, stride: int, tile_batch: int,
+    scale: int = 1,
+) -> torch.Tensor:
+    """Apply ``fn`` to overlapping ``tile`` x ``tile`` crops of ``inputs`` (all B x C x H x W with one
+    H, W), ``tile_batch`` crops per call, and blend its outputs (``scale`` times the crop size).
+
+    ``fn`` receives each input's crops concatenated along the batch: crop-major, image-minor.
+    """
+    batch, _, height, width = inputs[0].shape
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    origins = [(top, left) for top in tile_starts(height, tile_h, stride)
+               for left in tile_starts(width, tile_w, stride)]
+    like = inputs[0]
+    overlap = (tile - stride) * scale
+    window = (blend_window(tile_h * scale, overlap, like.device, like.dtype)[:, None]
+              * blend_window(tile_w * scale, overlap, like.device, like.dtype)[None, :])
+    blended: torch.Tensor | None = None
+    total_weight = torch.zeros(height * scale, width * scale, device=like.device, dtype=like.dtype)
+    for first in range(0, len(origins), tile_batch):
+        group = origins[first:first + tile_batch]
+        crops = [(slice(top, top + tile_h), slice(left, left + tile_w)) for top, left in group]
+        outputs = fn(*(torch.cat([x[:, :, rows, cols] for rows, cols in crops]) for x in inputs)).split(batch)
+        for (top, left), output in zip(group, outputs):
+            if blended is None:
+                blended = like.new_zeros(batch, output.shape[1], height * scale, width * scale)
+            rows = slice(top * scale, (top + tile_h) * scale)
+            cols = slice(left * scale, (left + tile_w) * scale)
+            blended[:, :, rows, cols] += output * window
+            total_weight[rows, cols] += window
+    return blended / total_weight
+
+
 def tiled_denoise_fn(denoise: DenoiseFn, tile: int, stride: int, tile_batch: int) -> DenoiseFn:
-    """Wrap ``denoise`` so it runs on overlapping ``tile`` x ``tile`` crops (HR pixels), batched
-    ``tile_batch`` crops per call, and returns the blended full-size prediction."""
+    """``denoise`` on overlapping HR tiles of ``x_t`` and ``cond``, blended back to full size."""
 
     def denoise_tiled(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x_t.shape
-        tile_h, tile_w = min(tile, height), min(tile, width)
-        origins = [(top, left) for top in tile_starts(height, tile_h, stride)
-                   for left in tile_starts(width, tile_w, stride)]
-        window = (blend_window(tile_h, tile - stride, x_t.device, x_t.dtype)[:, None]
-                  * blend_window(tile_w, tile - stride, x_t.device, x_t.dtype)[None, :])
-        blended = torch.zeros_like(x_t)
-        total_weight = torch.zeros(height, width, device=x_t.device, dtype=x_t.dtype)
-        for first in range(0, len(origins), tile_batch):
-            group = origins[first:first + tile_batch]
-            crops = [(slice(top, top + tile_h), slice(left, left + tile_w)) for top, left in group]
-            x_crops = torch.cat([x_t[:, :, rows, cols] for rows, cols in crops])
-            cond_crops = torch.cat([cond[:, :, rows, cols] for rows, cols in crops])
-            predictions = denoise(x_crops, t.repeat(len(group)), cond_crops).split(batch)
-            for (rows, cols), prediction in zip(crops, predictions):
-                blended[:, :, rows, cols] += prediction * window
-                total_weight[rows, cols] += window
-        return blended / total_weight
+        def denoise_crops(x_crops: torch.Tensor, cond_crops: torch.Tensor) -> torch.Tensor:
+            return denoise(x_crops, t.repeat(x_crops.shape[0] // t.shape[0]), cond_crops)
+
+        return tiled_map(denoise_crops, [x_t, cond], tile, stride, tile_batch)
 
     return denoise_tiled
 
@@ -146,13 +164,18 @@ class UPSRPipeline:
     def _upscale_batch(self, lr: torch.Tensor) -> torch.Tensor:
         height, width = lr.shape[-2:]
         padded = reflect_pad_to_multiple(lr, self.lr_multiple)
-        condition = sr_condition(self.aux_net, padded, self.weight_config, self.denoiser.config.use_sr_condition,
-                                 self.scale)
-        denoise = make_denoise_fn(self.denoiser, self.diffusion)
         config = self.inference_config
+        aux_net = self.aux_net
+        denoise = make_denoise_fn(self.denoiser, self.diffusion)
         if max(padded.shape[-2:]) > config.tile:
+            # The aux net is tiled too: window attention over a whole large LR image needs many GB.
+            def aux_net(lr_image: torch.Tensor) -> torch.Tensor:
+                return tiled_map(self.aux_net, [lr_image], config.tile, config.stride, config.tile_batch, self.scale)
+
             denoise = tiled_denoise_fn(denoise, config.tile * self.scale, config.stride * self.scale,
                                        config.tile_batch)
+        condition = sr_condition(aux_net, padded, self.weight_config, self.denoiser.config.use_sr_condition,
+                                 self.scale)
         generator = torch.Generator(device=lr.device).manual_seed(config.seed)
         x0 = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight,
                                    sampler=config.sampler, generator=generator)
