@@ -139,3 +139,22 @@ def test_bad_inputs_are_named(tiny_checkpoint, tiny_config, tiny_parts):
         UPSRPipeline(denoiser, aux_net, diffusion, tiny_config.weight, InferenceConfig(tile=40, stride=32))
     with pytest.raises(ValueError, match="multiple of 16"):
         pipeline.inference_config = InferenceConfig(tile=24, stride=24)
+
+
+def test_large_images_in_a_list_go_one_at_a_time_and_small_ones_share_calls(stand_in_pipeline, monkeypatch):
+    pipeline = stand_in_pipeline(InferenceConfig(tile=32, stride=24, tile_batch=4))
+    crops_per_call = []
+    original = pipeline.denoiser.forward
+
+    def counting(x, t, cond):
+        crops_per_call.append(x.shape[0])
+        return original(x, t, cond)
+
+    monkeypatch.setattr(pipeline.denoiser, "forward", counting)
+    large = astronaut_lr(48, 48)
+    outputs = pipeline.upscale([large, large])
+    assert [o.shape for o in outputs] == [(192, 192, 3)] * 2
+    assert max(crops_per_call) == 4  # tile_batch tiles of one image, never tile_batch x images
+    crops_per_call.clear()
+    pipeline.upscale([astronaut_lr(16, 16)] * 3)
+    assert crops_per_call == [3] * pipeline.diffusion.num_steps

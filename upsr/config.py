@@ -196,7 +196,7 @@ class InferenceConfig:
     # The authors' setting for large images: LR tiles of 512 with stride 448 (64 px overlap).
     tile: int = 512
     stride: int = 448
-    # Tiles per network call.
+    # Tiles per network call; also how many small (untiled) images of one size share a call.
     tile_batch: int = 4
 
     def __post_init__(self) -> None:

@@ -151,9 +151,10 @@ class UPSRPipeline:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, array in enumerate(arrays):
             by_shape.setdefault(array.shape, []).append(index)
-        for indices in by_shape.values():
-            for first in range(0, len(indices), self.inference_config.tile_batch):
-                chunk = indices[first:first + self.inference_config.tile_batch]
+        for shape, indices in by_shape.items():
+            per_call = 1 if self._needs_tiling(*shape[:2]) else self.inference_config.tile_batch
+            for first in range(0, len(indices), per_call):
+                chunk = indices[first:first + per_call]
                 lr = torch.from_numpy(np.stack([arrays[i] for i in chunk])).to(self.device)
                 sr = self._upscale_batch(lr.permute(0, 3, 1, 2).float() / 255)
                 sr_uint8 = (sr * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -161,13 +162,17 @@ class UPSRPipeline:
                     outputs[i] = image
         return outputs[0] if single else outputs
 
+    def _needs_tiling(self, height: int, width: int) -> bool:
+        padded_side = -(-max(height, width) // self.lr_multiple) * self.lr_multiple
+        return padded_side > self.inference_config.tile
+
     def _upscale_batch(self, lr: torch.Tensor) -> torch.Tensor:
         height, width = lr.shape[-2:]
         padded = reflect_pad_to_multiple(lr, self.lr_multiple)
         config = self.inference_config
         aux_net = self.aux_net
         denoise = make_denoise_fn(self.denoiser, self.diffusion)
-        if max(padded.shape[-2:]) > config.tile:
+        if self._needs_tiling(height, width):
             # The aux net is tiled too: window attention over a whole large LR image needs many GB.
             def aux_net(lr_image: torch.Tensor) -> torch.Tensor:
                 return tiled_map(self.aux_net, [lr_image], config.tile, config.stride, config.tile_batch, self.scale)
