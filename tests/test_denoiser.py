@@ -102,3 +102,13 @@ def test_denoise_fn_drives_the_sampler(tiny_parts):
     out = diffusion.sample(spy, y, cond, torch.ones_like(y), generator=torch.Generator().manual_seed(0))
     assert out.shape == y.shape and out.abs().max() <= 1
     assert seen == list(reversed(range(diffusion.num_steps)))
+
+
+def test_plain_window_block_commutes_with_whole_window_translations():
+    torch.manual_seed(0)
+    block = SwinBlock(16, heads=2, window=4, shift=0, mlp_ratio=2.0, groups=4)
+    x = torch.randn(2, 16, 12, 16)
+    rolled_first = block(torch.roll(x, (4, 8), dims=(2, 3)))
+    torch.testing.assert_close(rolled_first, torch.roll(block(x), (4, 8), dims=(2, 3)))
+    # ...but not with a translation inside a window: attention really is windowed.
+    assert not torch.allclose(block(torch.roll(x, 1, dims=3)), torch.roll(block(x), 1, dims=3), atol=1e-4)
