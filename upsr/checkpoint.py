@@ -78,8 +78,8 @@ def resolve_checkpoint_path(path_or_uri: str | Path) -> Path:
     if scheme:
         known = ", ".join(sorted(_URI_RESOLVERS)) or "none"
         raise CheckpointError(f"{path_or_uri}: no resolver is registered for {scheme.group(1)}: URIs "
-                              f"(registered prefixes: {known}); import the package that provides it "
-                              "(pipelines register models:/ for the MLflow registry) or pass a local folder")
+                              f"(registered prefixes: {known}); register one with "
+                              "upsr.checkpoint.register_uri_resolver or pass a local checkpoint folder")
     return Path(path_or_uri)
 
 
