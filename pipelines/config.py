@@ -49,7 +49,8 @@ class SynthConfig:
     # file count and S3 request count low without making one file a straggler.
     row_group_rows: int = 64
     rows_per_file: int = 512
-    png_compression: int = 3
+    # zlib level of the PNGs: 1 is ~25 % faster to encode than 3 for <2 % larger files.
+    png_compression: int = 1
 
     def __post_init__(self) -> None:
         for name in ("crop_size", "crops_per_image", "min_side", "max_pixels", "batch_size",

@@ -115,18 +115,35 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
         ray.data.from_items(files, override_num_blocks=min(len(files), 200))
         .map_batches(load_crops, fn_kwargs={"source": source, "settings": to_dict(synth)}, batch_size=1,
                      batch_format="pyarrow")
-        .map_batches(DegradeCrops, fn_constructor_kwargs={"degradation": to_dict(config.degradation)},
+        .map_batches(DegradeCrops, fn_constructor_kwargs={"degradation": to_dict(config.degradation),
+                                                           "png_compression": synth.png_compression},
                      batch_size=synth.batch_size, batch_format="pyarrow",
-                     compute=ActorPoolStrategy(min_size=1, max_size=synth.max_actors or None),
+                     compute=ActorPoolStrategy(size=actor_pool_size(synth)),
                      num_cpus=synth.actor_cpus, num_gpus=synth.actor_gpus)
-        .map_batches(encode_pairs, fn_kwargs={"compression": synth.png_compression, "scale": config.degradation.scale},
-                     batch_format="pyarrow")
-        .write_datasink(sink)
+        # Writing only moves encoded bytes: it takes no CPU slot from the actors.
+        .write_datasink(sink, ray_remote_args={"num_cpus": 0})
     )
     if sink.manifest is None:
         raise UserError(f"none of the {len(files)} image files under {source_uri} could be processed; "
                         f"reasons are in {output.child_uri(QUARANTINE)}")
     return sink.manifest
+
+
+def actor_pool_size(synth: config_module.SynthConfig) -> int:
+    """``synth.max_actors``, or as many actors as the cluster's CPUs (or GPUs) hold now.
+
+    A fixed pool: Ray Data's autoscaling pool measured here stayed at one actor for small jobs.
+    """
+    if synth.max_actors:
+        return synth.max_actors
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // synth.actor_cpus) if synth.actor_cpus else 1
+    if synth.actor_gpus:
+        fits = min(fits, int(resources.get("GPU", 0) // synth.actor_gpus))
+    if fits < 1:
+        raise UserError(f"the Ray cluster has no room for one degradation actor ({synth.actor_cpus} CPU, "
+                        f"{synth.actor_gpus} GPU): {resources}")
+    return fits
 
 
 # Columns passed between stages: a crop's pixels travel as raw bytes (shape from crop_size) and
@@ -161,18 +178,25 @@ def load_crops(batch: pa.Table, source: storage.Location, settings: dict[str, An
 
 
 class DegradeCrops:
-    """Actor: holds one ``Degrader`` (and its DiffJPEG tables on the GPU) for its lifetime."""
+    """Actor: degrades crops and PNG-encodes both images of each pair.
 
-    def __init__(self, degradation: dict[str, Any]):
+    Holds one ``Degrader`` (and DiffJPEG's tables on the GPU) for its lifetime. Encoding here
+    rather than in a later stage keeps all per-crop CPU work in the pool, in parallel; the
+    write stage that follows only moves bytes.
+    """
+
+    def __init__(self, degradation: dict[str, Any], png_compression: int):
         import cv2
 
         cv2.setNumThreads(1)  # one CPU per actor: parallelism comes from the pool
         self.config = from_dict(DegradationConfig, degradation)
         self.degrader = Degrader(self.config.primitives, self.config.device)
+        self.png_compression = png_compression
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = [i for i, reason in enumerate(batch["reason"].to_pylist()) if reason is None]
-        lr_raw: list[bytes] = [b""] * batch.num_rows
+        hr_png: list[bytes] = [b""] * batch.num_rows
+        lr_png: list[bytes] = [b""] * batch.num_rows
         records: list[str | None] = [None] * batch.num_rows
         if good:
             sizes = batch["size"].to_pylist()
@@ -182,26 +206,13 @@ class DegradeCrops:
             drawn = [sample(seeds[i], self.config) for i in good]
             lr = self.degrader.apply(hr, drawn)
             for k, i in enumerate(good):
-                lr_raw[i] = lr[k].tobytes()
+                hr_png[i] = encode_png(hr[k], self.png_compression)
+                lr_png[i] = encode_png(lr[k], self.png_compression)
                 records[i] = json.dumps(drawn[k], sort_keys=True)
-        return batch.append_column("lr_raw", pa.array(lr_raw, pa.binary())).append_column(
-            "degradation", pa.array(records, pa.string()))
-
-
-def encode_pairs(batch: pa.Table, compression: int, scale: int) -> pa.Table:
-    hr_png, lr_png = [], []
-    for size, hr_raw, lr_raw in zip(batch["size"].to_pylist(), batch["hr_raw"].to_pylist(),
-                                    batch["lr_raw"].to_pylist()):
-        if not hr_raw:
-            hr_png.append(b"")
-            lr_png.append(b"")
-            continue
-        hr_png.append(encode_png(np.frombuffer(hr_raw, np.uint8).reshape(size, size, 3), compression))
-        lr_side = size // scale
-        lr_png.append(encode_png(np.frombuffer(lr_raw, np.uint8).reshape(lr_side, lr_side, 3), compression))
-    batch = batch.drop_columns(["hr_raw", "lr_raw"])
-    return batch.append_column("hr_png", pa.array(hr_png, pa.binary())).append_column(
-        "lr_png", pa.array(lr_png, pa.binary()))
+        return (batch.drop_columns(["hr_raw"])
+                .append_column("degradation", pa.array(records, pa.string()))
+                .append_column("hr_png", pa.array(hr_png, pa.binary()))
+                .append_column("lr_png", pa.array(lr_png, pa.binary())))
 
 
 class SynthDatasink(Datasink):

@@ -151,7 +151,8 @@ def test_console_script_and_module_entry_points(tmp_path):
                              "--config", "configs/tiny.yaml", "--set", "ray.num_cpus=2"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((output / MANIFEST).read_text())["counts"]["rows"] == 4
+    crops = config_module.load("configs/tiny.yaml").synth.crops_per_image
+    assert json.loads((output / MANIFEST).read_text())["counts"]["rows"] == 2 * crops
     verify_run = subprocess.run([sys.executable, "-m", "pipelines.synth_verify", str(output)],
                                 capture_output=True, text=True)
     assert verify_run.returncode == 0 and "0 mismatches" in verify_run.stderr
