@@ -75,15 +75,19 @@ class WindowAttention(nn.Module):
         self.register_buffer("bias_index", relative[..., 0] * (2 * window - 1) + relative[..., 1], persistent=False)
 
     def forward(self, windows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``windows``: (B, num_windows, window**2, dim); ``mask``: (num_windows, N, N) additive or None."""
-        batch, num_windows, tokens, dim = windows.shape
-        qkv = self.qkv(windows).view(batch, num_windows, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (B, num_windows, heads, N, head_dim)
-        bias = self.relative_bias[self.bias_index].permute(2, 0, 1)  # (heads, N, N)
-        # Broadcast over the batch instead of materialising one bias per image and window.
-        bias = bias[None, None] if mask is None else bias[None, None] + mask[None, :, None]
+        """``windows``: (num_windows * B, window**2, dim); ``mask``: (num_windows, N, N) additive or None."""
+        batch, tokens, dim = windows.shape
+        q, k, v = self.qkv(windows).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_bias[self.bias_index].permute(2, 0, 1)[None]  # (1, heads, N, N)
+        if mask is not None:
+            # Materialised per image and window (as timm does): CUDA's fused attention kernels
+            # take 4-D inputs only, and a 5-D broadcast would fall back to the unfused kernel.
+            bias = (bias.view(1, 1, self.heads, tokens, tokens) + mask[None, :, None]).view(
+                1, -1, self.heads, tokens, tokens
+            )
+            bias = bias.expand(batch // mask.shape[0], -1, -1, -1, -1).reshape(batch, self.heads, tokens, tokens)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(2, 3).reshape(batch, num_windows, tokens, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class SwinBlock(nn.Module):
@@ -105,14 +109,14 @@ class SwinBlock(nn.Module):
         bounds = (slice(0, -self.window), slice(-self.window, -self.shift), slice(-self.shift, None))
         for label, (rows, cols) in enumerate((r, c) for r in bounds for c in bounds):
             regions[rows, cols] = label
-        labels = self._partition(regions[None, None])[0, :, :, 0]  # (num_windows, N)
+        labels = self._partition(regions[None, None]).squeeze(-1)  # (num_windows, N)
         return (labels[:, :, None] != labels[:, None, :]).float() * -100.0
 
     def _partition(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.window
         x = x.view(b, c, h // n, n, w // n, n).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, (h // n) * (w // n), n * n, c)
+        return x.reshape(b * (h // n) * (w // n), n * n, c)
 
     def _merge(self, windows: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
         n = self.window
