@@ -21,7 +21,7 @@ def test_dotted_overrides_keep_yaml_types():
     assert config.synth.seed == 7
     assert config.degradation.gaussian_noise_prob == 1.0 and isinstance(config.degradation.gaussian_noise_prob, float)
     assert config.ray.address is None
-    assert config.synth.crops_per_image == 2  # from tiny.yaml
+    assert config.synth.crops_per_image == 8  # from tiny.yaml
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):
