@@ -16,6 +16,8 @@ JOBS = {
     "synth-verify": ("synth_verify", "re-generate sampled rows of a dataset and check they match"),
     "demo": ("demo", "run the project end to end on embedded defaults (sample photographs, local Ray)"),
     "upscale": ("upscale", "upscale images x4 with a trained UPSR checkpoint"),
+    "train-aux": ("train_aux", "train the auxiliary SR net on a synthesised dataset (Ray Train, MLflow)"),
+    "train": ("train", "train UPSR with a frozen aux net on a synthesised dataset (Ray Train, MLflow registry)"),
 }
 
 log = logging.getLogger("upsr")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -82,6 +83,119 @@ class RayConfig:
 
 
 @dataclass
+class TrainDebugConfig:
+    """Test and debugging knobs of the training jobs; leave them empty in real runs."""
+
+    # Steps at which rank 0 replaces its batch with NaNs, to exercise the non-finite guard.
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    # A folder where every worker writes ``rank<N>.pid`` after each checkpoint, so that a
+    # fault-injection test can kill one of them.
+    pid_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train settings of ``upsr train`` (the diffusion); defaults are the paper's values.
+
+    ``batch_size`` is per worker: the global batch is ``batch_size * num_workers`` (paper:
+    16 x 2 GPUs). Steps count iterations, skipped non-finite ones included, so the learning
+    rate schedule is a function of the step alone.
+    """
+
+    steps: int = 200_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+    # Not from the paper: a safety net against rare loss spikes that costs nothing otherwise.
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    # "auto": bf16 autocast on GPUs, plain fp32 on CPUs. "fp16" adds a GradScaler.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = 5000
+    num_to_keep: int = 3
+    validate_every: int = 5000
+    val_batches: int = 4
+    log_every: int = 50
+    num_workers: int = 2
+    use_gpu: bool = True
+    # 1 CPU per worker; below 1 leaves CPUs on small machines to Ray Data's decoding tasks.
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    max_consecutive_nonfinite: int = 10
+    seed: int = 0
+    # Folder or s3:// prefix of Ray Train's run folders (checkpoints); None: runs/ray_results
+    # under the folder the job starts in, made absolute so every worker agrees.
+    storage_path: str | None = None
+    debug: TrainDebugConfig = field(default_factory=TrainDebugConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "num_to_keep", "validate_every", "log_every",
+                     "num_workers", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_batches", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class AuxTrainConfig(TrainConfig):
+    """Ray Train settings of ``upsr train-aux`` (the auxiliary SR net, L1 + optional LPIPS).
+
+    Same keys as ``train``; the defaults follow common practice for small SR nets (the paper
+    gives no schedule for its aux net).
+    """
+
+    steps: int = 100_000
+    lr: float = 2e-4
+    warmup_steps: int = 1000
+
+
+@dataclass
+class TrainDataConfig:
+    """How both training jobs read a synthesised dataset."""
+
+    # Fraction of source photographs held out for validation (every crop of a held-out photo):
+    # chosen by hashing the source name with split_seed, so the split never changes between runs.
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    # Rows shuffled in each worker's buffer (0: read order); blocks are shuffled every epoch too.
+    shuffle_buffer: int = 256
+    prefetch_batches: int = 2
+    # Decode once and keep the decoded splits in Ray's object store for the whole run. Only for
+    # small datasets (tests, CPU demos), where restarting the read-and-decode pipeline every
+    # epoch costs more than the epoch itself.
+    materialize: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shuffle_buffer < 0 or self.prefetch_batches < 0:
+            raise ValueError("shuffle_buffer and prefetch_batches must be >= 0")
+
+
+@dataclass
+class MlflowConfig:
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///<runs/mlflow.db under the start folder>.
+    tracking_uri: str | None = None
+    experiment: str = "upsr"
+    # Where a new experiment stores artifacts; None: the server's default, or for a local
+    # SQLite store the folder "mlartifacts" beside the database file.
+    artifact_location: str | None = None
+    registered_model: str = "upsr"
+    alias: str = "challenger"
+
+
+@dataclass
 class Config:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -94,6 +208,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aux_train: AuxTrainConfig = field(default_factory=AuxTrainConfig)
+    train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         if self.degradation.device == "cuda" and self.synth.actor_gpus <= 0:

@@ -68,6 +68,7 @@ def read_image(path: Path) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    import pipelines.tracking  # noqa: F401  (registers the models:/ URI resolver for --model)
     import upsr
     from upsr.checkpoint import CheckpointError
 

@@ -1,0 +1,220 @@
+"""Train UPSR on a synthesised dataset with a frozen auxiliary SR net (Ray Train), logged to MLflow.
+
+Each step: y = bicubic(LR), g(y) from the frozen aux net (loaded once per worker), the noise
+weight w from the configured family, t uniform, x_t from the anisotropic forward marginal,
+x0_hat = denoiser(scale_input(x_t, t), t, [g(y), y]) and MSE + lambda * LPIPS (DESIGN §1).
+Every checkpoint folder also holds ``upsr/``, an ``upsr.load``-able checkpoint of the EMA
+weights; at the end the last one is logged as the run's model and registered as
+``mlflow.registered_model`` with alias ``mlflow.alias``. Re-running with the same ``--name``
+(and storage) continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pipelines import config as config_module
+from pipelines import storage
+from pipelines.cli import UserError, run_job
+from pipelines.config import Config
+from pipelines.synth import add_config_arguments
+from pipelines.train_aux import AUX_CONFIG_FILE, AUX_WEIGHTS_FILE, default_run_name, image_grid
+from upsr.config import AuxConfig
+from upsr.typed_config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+JOB = "train"
+EXPORT_FOLDER = "upsr"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="synthesised dataset (folder or s3:// prefix)")
+    parser.add_argument("--aux", required=True,
+                        help="aux net: a `upsr train-aux` checkpoint folder (or s3:// prefix), or a weights file "
+                             "(.safetensors or basicsr .pth) for the configured aux architecture")
+    add_config_arguments(parser)
+    parser.add_argument("--name", help="Ray Train run name; an existing one is continued from its latest "
+                                       "checkpoint (default: a new name from the date and time)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config, args.set)
+    result = train(args.data, args.aux, config, args.name or default_run_name("upsr"))
+    log.info("model registered as models:/%s@%s (checkpoint %s)", config.mlflow.registered_model,
+             config.mlflow.alias, result.checkpoint_uri)
+    return 0
+
+
+def resolve_aux(aux_uri: str, config: Config) -> tuple[Config, str]:
+    """The config with the aux section of a train-aux checkpoint, and the weights file's URI.
+
+    A train-aux folder carries its architecture; it must match the configured one, since the
+    config is what the logged model and the registry record.
+    """
+    location = storage.resolve(aux_uri, config.storage.s3_endpoint, config.storage.s3_region)
+    if not storage.exists(location, AUX_WEIGHTS_FILE):
+        if not storage.exists(location):
+            raise UserError(f"--aux {aux_uri}: no such file or folder")
+        if location.fs.get_file_info(location.path).type.name == "Directory":
+            raise UserError(f"--aux {aux_uri}: the folder holds no {AUX_WEIGHTS_FILE}; is it a train-aux checkpoint?")
+        return replace(config, aux=replace(config.aux, weights=aux_uri)), aux_uri
+    if storage.exists(location, AUX_CONFIG_FILE):
+        try:
+            stored = from_dict(AuxConfig, json.loads(storage.read_bytes(location, location.join(AUX_CONFIG_FILE))),
+                               source=location.child_uri(AUX_CONFIG_FILE))
+        except (ConfigError, json.JSONDecodeError) as error:
+            raise UserError(f"--aux {aux_uri}: {error}") from None
+        architecture = ("arch", "options", "pad_multiple")
+        differs = [name for name in architecture if getattr(stored, name) != getattr(config.aux, name)]
+        if differs:
+            raise UserError(f"--aux {aux_uri} was trained with aux.{differs[0]} = {getattr(stored, differs[0])!r}, "
+                            f"the config says {getattr(config.aux, differs[0])!r}: use the same aux section")
+    weights = location.child_uri(AUX_WEIGHTS_FILE)
+    return replace(config, aux=replace(config.aux, weights=weights, weights_key=None)), weights
+
+
+def local_weights(uri: str, config: Config) -> Path:
+    """A local path of the aux weights: the file itself, or a download of an s3:// one."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    location = storage.resolve(uri, config.storage.s3_endpoint, config.storage.s3_region)
+    suffix = Path(location.path).suffix
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as handle:
+        handle.write(storage.read_bytes(location, location.path))
+    return Path(handle.name)
+
+
+def train(data_uri: str, aux_uri: str, config: Config, run_name: str):
+    """Run the job; returns ``training_loop.FitResult`` after registering the model."""
+    from pipelines import tracking
+    from pipelines.training_loop import fit
+
+    config, _ = resolve_aux(aux_uri, config)
+    result = fit(JOB, train_worker, config.train, config, data_uri, run_name)
+    with result.checkpoint.as_directory() as folder:
+        tracking.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
+    tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
+    return result
+
+
+def train_worker(loop_config: dict) -> None:
+    from pipelines.training_loop import loop_config as parse_loop_config
+    from pipelines.training_loop import worker_loop
+
+    config, _ = parse_loop_config(loop_config)
+    worker_loop(lambda device: DiffusionTask(config, device), config.train, config, loop_config)
+
+
+class DiffusionTask:
+    """The UPSR denoiser trained with the frozen aux net (DESIGN §1)."""
+
+    def __init__(self, config: Config, device: torch.device):
+        from upsr.aux_net import build_aux_net, freeze
+        from upsr.denoiser import build_denoiser
+        from upsr.diffusion import UNWDiffusion
+        from upsr.losses import DiffusionLoss
+
+        self.config = config
+        self.model = build_denoiser(config.denoiser)
+        aux = config.aux
+        if aux.weights:
+            aux = replace(aux, weights=str(local_weights(aux.weights, config)))
+        else:
+            log.warning("aux.weights is not set: the aux net g is randomly initialised")
+        self.aux = freeze(build_aux_net(aux)).to(device)
+        self.diffusion = UNWDiffusion.from_config(config.diffusion)
+        self.loss = DiffusionLoss(config.loss).to(device)
+        self._lpips_for_metrics = None
+
+    def condition(self, lr: torch.Tensor):
+        from upsr.aux_net import sr_condition
+
+        return sr_condition(self.aux, lr, self.config.weight, self.config.denoiser.use_sr_condition,
+                            self.config.denoiser.scale)
+
+    def losses(self, model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator):
+        from upsr.losses import training_loss
+
+        condition = self.condition(lr)
+        return training_loss(model, self.diffusion, self.loss, hr * 2 - 1, condition.y, condition.cond,
+                             condition.weight, generator)
+
+    def lpips_for_metrics(self) -> nn.Module:
+        if self.loss.lpips is not None:
+            return self.loss.lpips
+        if self._lpips_for_metrics is None:
+            from upsr.losses import build_lpips
+
+            self._lpips_for_metrics = build_lpips(self.config.loss.lpips_backbone,
+                                                  self.config.loss.allow_random_backbone).to(self.aux_device)
+        return self._lpips_for_metrics
+
+    @property
+    def aux_device(self) -> torch.device:
+        return next(self.aux.parameters()).device
+
+    @torch.no_grad()
+    def validate(self, ema_model: nn.Module, batches: Iterator, step: int, logger) -> dict[str, float]:
+        """5-step DDIM (the configured sampler) from a fixed seed on the first ``val_batches`` batches."""
+        from upsr.denoiser import make_denoise_fn
+        from upsr.metrics import full_reference_metrics
+
+        ema_model.eval()
+        denoise = make_denoise_fn(ema_model, self.diffusion)
+        generator = torch.Generator(self.aux_device).manual_seed(self.config.inference.seed)
+        scores: dict[str, list[torch.Tensor]] = {}
+        for index, (lr, hr) in zip(range(self.config.train.val_batches), batches):
+            condition = self.condition(lr)
+            sample = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight,
+                                           sampler=self.config.inference.sampler, generator=generator)
+            sr = (sample + 1) / 2
+            for key, values in full_reference_metrics(sr, hr, self.config.metrics, self.lpips_for_metrics()).items():
+                scores.setdefault(key, []).append(values.float().cpu())
+            if index == 0:
+                self.log_samples(condition, sr, hr, step, logger)
+        ema_model.train()
+        return {f"val_{key}": float(torch.cat(values).mean()) for key, values in scores.items()}
+
+    def log_samples(self, condition, sr: torch.Tensor, hr: torch.Tensor, step: int, logger) -> None:
+        """Grid LR bicubic | g(y) | w | UPSR | HR, and a histogram of w."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        floor = self.config.weight.floor
+        # w lies in [floor, 1]: stretched to black..white, channels averaged.
+        weight_map = ((condition.weight.mean(dim=1, keepdim=True) - floor) / max(1 - floor, 1e-6)).expand_as(sr)
+        columns = [(condition.y + 1) / 2, (condition.g_y + 1) / 2, weight_map, sr, hr]
+        logger.image(image_grid(columns), f"samples/grid_step_{step:08d}.png")
+        figure = Figure(figsize=(5, 3))
+        axes = figure.add_subplot()
+        axes.hist(condition.weight.float().flatten().cpu().numpy(), bins=50, range=(0, 1))
+        axes.set_xlabel("noise weight w")
+        axes.set_ylabel("pixels x channels")
+        axes.set_title(f"step {step}")
+        figure.tight_layout()
+        logger.figure(figure, f"samples/w_hist_step_{step:08d}.png")
+
+    def export(self, ema_model: nn.Module, folder: Path) -> None:
+        from upsr.checkpoint import CheckpointConfig, save_checkpoint
+
+        config = self.config
+        save_checkpoint(folder / EXPORT_FOLDER, ema_model, self.aux, self.diffusion, CheckpointConfig(
+            denoiser=config.denoiser, aux=config.aux, diffusion=config.diffusion, weight=config.weight,
+            inference=config.inference))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.modules[__name__]))

@@ -1,0 +1,120 @@
+"""Training data of both training jobs: a synthesised dataset as Ray Datasets split by photograph.
+
+The validation split holds every crop of a deterministic fraction of the source photographs,
+so no crop of a validation photograph is ever trained on. Shards are read with
+``ray.data.read_parquet`` (exactly those the manifest lists) and the PNGs are decoded in
+``map_batches``; workers receive uint8 NHWC batches and turn them into float NCHW tensors in
+[0, 1] on their device, with a random flip and 90-degree rotation per pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+import ray
+import torch
+
+from pipelines.cli import UserError
+from pipelines.config import StorageConfig, TrainDataConfig
+from pipelines.dataset import IncompleteDataset, SynthDataset, open_dataset
+from pipelines.images import decode_png, derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    dataset: SynthDataset
+    train: ray.data.Dataset
+    val: ray.data.Dataset | None
+    train_sources: list[str]
+    val_sources: list[str]
+
+    @property
+    def datasets(self) -> dict[str, ray.data.Dataset]:
+        return {"train": self.train} | ({"val": self.val} if self.val is not None else {})
+
+
+def split_sources(sources: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) source names: the val share is the first ``val_fraction`` of the sources ranked
+    by a hash of their names, at least one when the fraction is positive and one photo is left."""
+    unique = sorted(set(sources))
+    ranked = sorted(unique, key=lambda name: derive_seed(seed, "val-split", name))
+    count = round(len(unique) * val_fraction)
+    if val_fraction > 0:
+        count = min(max(count, 1), len(unique) - 1)
+    val = sorted(ranked[:count])
+    return sorted(set(unique) - set(val)), val
+
+
+def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConfig) -> TrainingData:
+    try:
+        dataset = open_dataset(uri, storage.s3_endpoint, storage.s3_region)
+    except IncompleteDataset as error:
+        raise UserError(str(error)) from None
+    fs = dataset.location.fs
+    sources = pads.dataset(dataset.shard_paths, filesystem=fs, format="parquet").to_table(columns=["source"])
+    train_sources, val_sources = split_sources(sources["source"].to_pylist(), settings.val_fraction,
+                                               settings.split_seed)
+    if not train_sources:
+        raise UserError(f"{uri} holds no rows to train on")
+    log.info("%s: %d source photos for training, %d held out for validation", uri, len(train_sources),
+             len(val_sources))
+    rows = ray.data.read_parquet(dataset.shard_paths, filesystem=fs).select_columns(["source", "hr_png", "lr_png"])
+    synth = dataset.manifest["config"]["synth"]
+    scale = dataset.manifest["config"]["degradation"]["scale"]
+    shapes = {"hr_size": synth["crop_size"], "lr_size": synth["crop_size"] // scale}
+
+    def split(names: list[str]) -> ray.data.Dataset:
+        decoded = rows.map_batches(decode_pairs, fn_kwargs={"keep": set(names), **shapes}, batch_format="numpy")
+        return decoded.materialize() if settings.materialize else decoded
+
+    return TrainingData(dataset, split(train_sources).randomize_block_order(),
+                        split(val_sources) if val_sources else None, train_sources, val_sources)
+
+
+def decode_pairs(batch: dict[str, np.ndarray], keep: set[str], hr_size: int, lr_size: int) -> dict[str, np.ndarray]:
+    """PNG pairs -> uint8 ``hr`` (N, H, W, 3) and ``lr`` (N, h, w, 3), rows of the kept sources only."""
+    chosen = [i for i, source in enumerate(batch["source"]) if source in keep]
+    hr = np.empty((len(chosen), hr_size, hr_size, 3), np.uint8)
+    lr = np.empty((len(chosen), lr_size, lr_size, 3), np.uint8)
+    for k, i in enumerate(chosen):
+        hr[k] = decode_png(batch["hr_png"][i])
+        lr[k] = decode_png(batch["lr_png"][i])
+    return {"hr": hr, "lr": lr}
+
+
+def to_images(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC ``lr``, ``hr`` -> float NCHW in [0, 1] on ``device``."""
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+
+    return convert(batch["lr"]), convert(batch["hr"])
+
+
+def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random horizontal flip and 90-degree rotation for both images of each pair."""
+    flips = torch.randint(0, 2, (lr.shape[0],), generator=generator).tolist()
+    turns = torch.randint(0, 4, (lr.shape[0],), generator=generator).tolist()
+    lr_out, hr_out = [], []
+    for index, (flip, turn) in enumerate(zip(flips, turns)):
+        pair = [lr[index], hr[index]]
+        if flip:
+            pair = [image.flip(-1) for image in pair]
+        pair = [image.rot90(turn, dims=(-2, -1)) for image in pair]
+        lr_out.append(pair[0])
+        hr_out.append(pair[1])
+    return torch.stack(lr_out), torch.stack(hr_out)
+
+
+def iter_batches(shard: Any, batch_size: int, settings: TrainDataConfig, device: torch.device, shuffle: bool):
+    """One epoch of a worker's shard as ``(lr, hr)`` float batches; short last batches are dropped
+    so that every worker runs the same number of steps."""
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device="cpu",
+                                          prefetch_batches=settings.prefetch_batches,
+                                          local_shuffle_buffer_size=settings.shuffle_buffer if shuffle else None):
+        yield to_images(batch, device)

@@ -1,0 +1,394 @@
+"""The Ray Train machinery shared by ``upsr train`` and ``upsr train-aux``.
+
+Driver side, ``fit`` opens the dataset and the MLflow run and runs a ``TorchTrainer``. Worker
+side, ``worker_loop`` runs a job's ``Task`` (the network, its loss, validation and what a
+checkpoint exports) with AdamW, linear warm-up, gradient clipping, a parameter EMA, optional
+autocast, the non-finite guard and checkpoints.
+
+Invariants the loop keeps:
+
+- ``ray.train.report`` is a barrier, so every worker reports at the same steps; only rank 0
+  puts files in the checkpoint (the weights are identical on all ranks under DDP).
+- Whether a step is skipped as non-finite is decided on all ranks together (one all-reduce of
+  the loss and a flag), so no rank waits in a gradient all-reduce that the others skip.
+- All randomness of step ``s`` on rank ``r`` (timesteps, noise, flips) comes from generators
+  seeded with ``(train.seed, r, s)``: a resumed run draws what an uninterrupted one would
+  have drawn, without storing generator states. (The data order after a resume starts a
+  new epoch.)
+- Validation runs on rank 0 only, with the EMA weights; the other ranks wait at the next
+  collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipelines import config as config_module
+from pipelines import storage
+from pipelines.cli import UserError
+from pipelines.config import Config, TrainConfig
+from pipelines.images import derive_seed
+from pipelines.train_data import TrainingData, augment, iter_batches, open_training_data
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive non-finite steps: the run diverged."""
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train run failed; the message carries the workers' errors."""
+
+
+class Task(Protocol):
+    """What a training job plugs into ``worker_loop``."""
+
+    model: nn.Module
+
+    def losses(self, model: nn.Module, lr: torch.Tensor, hr: torch.Tensor,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Loss terms, "loss" the one to minimise; ``model`` is the (DDP-wrapped) trained net."""
+
+    def validate(self, ema_model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int,
+                 logger: Any) -> dict[str, float]:
+        """Validation metrics of the EMA model; may log images through ``logger``."""
+
+    def export(self, ema_model: nn.Module, folder: Path) -> None:
+        """Write the job's deliverable (weights others load) into a checkpoint folder."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+    return factor
+
+
+def save_training_state(folder: Path, model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, scaler: torch.amp.GradScaler, state: LoopState, config_yaml: str) -> None:
+    """Weights as safetensors; optimizer, scheduler, scaler and counters in a file that loads
+    with ``torch.load(weights_only=True)`` (tensors and plain values only)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / MODEL_FILE))
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(folder / EMA_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": state.step, "nonfinite_steps": state.nonfinite_steps,
+                "consecutive_nonfinite": state.consecutive_nonfinite}, folder / STATE_FILE)
+    (folder / CONFIG_FILE).write_text(config_yaml)
+
+
+def restore_training_state(folder: Path, model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: torch.amp.GradScaler) -> LoopState:
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
+    ema.load_state_dict(load_file(str(folder / EMA_FILE), device=str(device)))
+    saved = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    return LoopState(saved["step"], saved["nonfinite_steps"], saved["consecutive_nonfinite"])
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # gloo and NCCL both reduce tensors on the process group's device kind.
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainConfig, config: Config,
+                loop_config: dict[str, Any]) -> None:
+    """The body of ``train_loop_per_worker`` for both jobs; ``loop_config`` is what ``fit`` passed."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.tracking import RunLogger
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    task = task_factory(device)
+    model = task.model.to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup_steps))
+    precision = resolve_precision(settings.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = restore_training_state(Path(folder), model, ema, optimizer, scheduler, scaler)
+        log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint.path)
+    trained = ray.train.torch.prepare_model(model, move_to_device=False)
+    logger = RunLogger(config.mlflow, loop_config["mlflow_run_id"]) if rank == 0 else None
+    if logger and checkpoint:
+        logger.metrics({"resumed_from_step": state.step}, state.step)
+
+    shard = ray.train.get_dataset_shard("train")
+    generator = torch.Generator()
+    device_generator = torch.Generator(device)
+    global_batch = settings.batch_size * world_size
+    window = _Window()
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    while state.step < settings.steps:
+        batches = iter_batches(shard, settings.batch_size, config.train_data, device, shuffle=True)
+        epoch_steps = 0
+        while state.step < settings.steps:
+            started = time.perf_counter()
+            try:
+                lr_images, hr_images = next(batches)
+            except StopIteration:
+                break
+            data_seconds = time.perf_counter() - started
+            epoch_steps += 1
+            step = state.step + 1
+            generator.manual_seed(derive_seed(settings.seed, rank, step))
+            device_generator.manual_seed(derive_seed(settings.seed, rank, step, "device"))
+            lr_images, hr_images = augment(lr_images, hr_images, generator)
+            if rank == 0 and step in settings.debug.inject_nan_at_steps:
+                hr_images = torch.full_like(hr_images, float("nan"))
+
+            with autocast:
+                terms = task.losses(trained, lr_images, hr_images, device_generator)
+            loss = terms["loss"]
+            summed = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()]))
+            finite = bool(summed[1] == 0)
+            grad_norm = float("nan")
+            if finite:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+                # fp16's scaler skips steps with overflowing gradients itself; elsewhere such a
+                # step (the same on every rank: gradients are all-reduced) is a non-finite one.
+                finite = math.isfinite(grad_norm) or precision == "fp16"
+                if finite:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    ema.update_parameters(model)
+            scheduler.step()
+            state.step = step
+            if finite:
+                state.consecutive_nonfinite = 0
+                window.add(float(summed[0]) / world_size, {k: float(v) for k, v in terms.items()}, grad_norm)
+            else:
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+                log.warning("rank %d: non-finite loss or gradients at step %d, step skipped (%d in a row)",
+                            rank, step, state.consecutive_nonfinite)
+                if state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
+                    raise NonFiniteTraining(
+                        f"{state.consecutive_nonfinite} consecutive non-finite steps (train.max_consecutive_nonfinite"
+                        f" = {settings.max_consecutive_nonfinite}), the last at step {step}: training diverged; "
+                        "lower the learning rate or check the data")
+            window.time(data_seconds, time.perf_counter() - started)
+
+            if logger and (step % settings.log_every == 0 or step == settings.steps or not finite):
+                logger.metrics(window.flush(global_batch) | {
+                    "lr": scheduler.get_last_lr()[0], "nonfinite_steps": state.nonfinite_steps}, step)
+            if rank == 0 and (step % settings.validate_every == 0 or step == settings.steps):
+                if loop_config["has_val"] and settings.val_batches:
+                    if val_batches is None:
+                        # The same few batches every time: comparable scores, one read of the val split.
+                        val_shard = ray.train.get_dataset_shard("val")
+                        val_batches = list(itertools.islice(iter_batches(
+                            val_shard, settings.batch_size, config.train_data, device, shuffle=False),
+                            settings.val_batches))
+                    logger.metrics(task.validate(ema.module, iter(val_batches), step, logger), step)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config"])
+                if settings.debug.pid_dir:
+                    Path(settings.debug.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+        if epoch_steps == 0:
+            raise RuntimeError(f"the train split yields no batch of {settings.batch_size} rows per worker")
+
+
+def report(rank: int, step: int, state: LoopState, model: nn.Module, ema: AveragedModel, optimizer, scheduler,
+           scaler, task: Task, config_yaml: str) -> None:
+    import ray.train
+
+    metrics = {"step": step, "nonfinite_steps": state.nonfinite_steps}
+    name = f"checkpoint_{step:08d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(Path(folder), model, ema, optimizer, scheduler, scaler, state, config_yaml)
+        task.export(ema.module, Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+class _Window:
+    """Averages of what happened since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.terms: dict[str, list[float]] = {}
+        self.grad_norms: list[float] = []
+        self.data_seconds = 0.0
+        self.step_seconds = 0.0
+        self.steps = 0
+
+    def add(self, loss: float, terms: dict[str, float], grad_norm: float) -> None:
+        self.losses.append(loss)
+        for key, value in terms.items():
+            self.terms.setdefault(key, []).append(value)
+        self.grad_norms.append(grad_norm)
+
+    def time(self, data_seconds: float, step_seconds: float) -> None:
+        self.data_seconds += data_seconds
+        self.step_seconds += step_seconds
+        self.steps += 1
+
+    def flush(self, global_batch: int) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if self.losses:
+            values["loss"] = sum(self.losses) / len(self.losses)
+            values["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+            values |= {f"rank0_{key}": sum(v) / len(v) for key, v in self.terms.items() if key != "loss"}
+        if self.step_seconds > 0:
+            values["samples_per_s"] = global_batch * self.steps / self.step_seconds
+            values["data_wait_fraction"] = self.data_seconds / self.step_seconds
+        self.reset()
+        return values
+
+
+# --- driver side -----------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    run_id: str
+    checkpoint: Any  # ray.train.Checkpoint of the last step
+    checkpoint_uri: str
+    data: TrainingData
+
+
+def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, str]:
+    """(storage_path for RunConfig, its filesystem or None, the URI users see)."""
+    uri = settings.storage_path or str(Path("runs/ray_results").resolve())
+    if storage.is_s3(uri):
+        location = storage.resolve(uri, config.storage.s3_endpoint, config.storage.s3_region)
+        return location.path, location.fs, location.uri
+    path = str(Path(uri).expanduser().resolve())
+    return path, None, path
+
+
+def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, config: Config, data_uri: str,
+        run_name: str, extra_loop_config: dict[str, Any] | None = None) -> FitResult:
+    """Open the data and the MLflow run, train, and return the last checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines import tracking
+    from pipelines.ray_env import init_ray
+
+    init_ray(config.ray)
+    if settings.use_gpu and not ray.cluster_resources().get("GPU") and not (config.ray.address
+                                                                              or os.environ.get("RAY_ADDRESS")):
+        raise UserError(f"{job}: use_gpu is true but this local Ray instance has no GPU; "
+                        f"set --set {'train' if job == 'train' else 'aux_train'}.use_gpu=false")
+    data = open_training_data(data_uri, config.train_data, config.storage)
+    global_batch = settings.batch_size * settings.num_workers
+    train_rows = data.train.count()
+    if train_rows < global_batch:
+        raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
+                        f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
+    storage_path, filesystem, storage_uri = storage_settings(settings, config)
+    config_yaml = config_module.to_yaml(config)
+    run_id = tracking.start_run(config.mlflow, run_name, config, job, data.dataset.manifest,
+                                data.dataset.manifest_hash, config_yaml)
+    tracking.log_run_facts(config.mlflow, run_id, {
+        "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
+        "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
+        "checkpoint_storage": f"{storage_uri}/{run_name}"})
+    log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job, run_name,
+             settings.num_workers, settings.batch_size, global_batch, settings.lr, storage_uri, run_name)
+    resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"config": config_yaml, "mlflow_run_id": run_id, "has_val": data.val is not None,
+                           **(extra_loop_config or {})},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep)),
+        datasets=data.datasets,
+        # Validation runs on rank 0 over the whole val split: only the train split is sharded.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        tracking.finish_run(config.mlflow, run_id, "FAILED")
+        raise TrainingFailed(f"{job} run {run_name} failed: {worker_errors(error)}") from None
+    if result.checkpoint is None:
+        tracking.finish_run(config.mlflow, run_id, "FAILED")
+        raise TrainingFailed(f"{job} run {run_name} ended without a checkpoint")
+    checkpoint_uri = (f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path)
+    return FitResult(run_id, result.checkpoint, checkpoint_uri, data)
+
+
+def worker_errors(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return str(error)
+    lines = []
+    for rank, failure in sorted(failures.items()):
+        text = str(failure).strip().splitlines()
+        lines.append(f"rank {rank}: {text[-1] if text else type(failure).__name__}")
+    return "; ".join(lines)
+
+
+def loop_config(loop_config_dict: dict[str, Any]) -> tuple[Config, str]:
+    """The worker's view of what ``fit`` passed: the typed config and its YAML."""
+    import yaml
+
+    from upsr.typed_config import from_dict
+
+    text = loop_config_dict["config"]
+    return from_dict(Config, yaml.safe_load(text), source="train_loop_config"), text
