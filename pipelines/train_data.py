@@ -33,6 +33,7 @@ class TrainingData:
     val: ray.data.Dataset | None
     train_sources: list[str]
     val_sources: list[str]
+    train_rows: int
 
     @property
     def datasets(self) -> dict[str, ray.data.Dataset]:
@@ -57,9 +58,12 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
     except IncompleteDataset as error:
         raise UserError(str(error)) from None
     fs = dataset.location.fs
-    sources = pads.dataset(dataset.shard_paths, filesystem=fs, format="parquet").to_table(columns=["source"])
-    train_sources, val_sources = split_sources(sources["source"].to_pylist(), settings.val_fraction,
-                                               settings.split_seed)
+    # The source column alone: a small read, even for a large dataset.
+    sources = pads.dataset(dataset.shard_paths, filesystem=fs, format="parquet").to_table(
+        columns=["source"])["source"].to_pylist()
+    train_sources, val_sources = split_sources(sources, settings.val_fraction, settings.split_seed)
+    held_out = set(val_sources)
+    train_rows = sum(1 for source in sources if source not in held_out)
     if not train_sources:
         raise UserError(f"{uri} holds no rows to train on")
     log.info("%s: %d source photos for training, %d held out for validation", uri, len(train_sources),
@@ -74,7 +78,7 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
         return decoded.materialize() if settings.materialize else decoded
 
     return TrainingData(dataset, split(train_sources).randomize_block_order(),
-                        split(val_sources) if val_sources else None, train_sources, val_sources)
+                        split(val_sources) if val_sources else None, train_sources, val_sources, train_rows)
 
 
 def decode_pairs(batch: dict[str, np.ndarray], keep: set[str], hr_size: int, lr_size: int) -> dict[str, np.ndarray]:

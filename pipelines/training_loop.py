@@ -217,7 +217,7 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
                             rank, step, state.consecutive_nonfinite)
                 if state.consecutive_nonfinite >= settings.max_consecutive_nonfinite:
                     raise NonFiniteTraining(
-                        f"{state.consecutive_nonfinite} consecutive non-finite steps (train.max_consecutive_nonfinite"
+                        f"{state.consecutive_nonfinite} consecutive non-finite steps (max_consecutive_nonfinite"
                         f" = {settings.max_consecutive_nonfinite}), the last at step {step}: training diverged; "
                         "lower the learning rate or check the data")
             window.time(data_seconds, time.perf_counter() - started)
@@ -333,7 +333,7 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
                         f"set --set {'train' if job == 'train' else 'aux_train'}.use_gpu=false")
     data = open_training_data(data_uri, config.train_data, config.storage)
     global_batch = settings.batch_size * settings.num_workers
-    train_rows = data.train.count()
+    train_rows = data.train_rows
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")

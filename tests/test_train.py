@@ -1,0 +1,316 @@
+"""`upsr train-aux` and `upsr train` on real Ray (2 CPU workers) and MLflow on a SQLite file.
+
+The networks are the tiny ones of configs/tiny.yaml on 128x128 crops; LPIPS runs on a randomly
+initialised VGG trunk (no downloads here), and the diffusion loss of most runs leaves LPIPS out
+to keep the suite short (the end-to-end run keeps it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines import config as config_module
+from pipelines.cli import UserError
+from pipelines.dataset import open_dataset
+from pipelines.synth import synthesize
+from pipelines.train_data import split_sources
+from tests.support import VENV_BIN, encode, make_bucket, photo, ray_local, s3_endpoint  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_OVERRIDES = ["synth.crop_size=128", "synth.crops_per_image=8", "train_data.materialize=true"]
+
+
+def losses(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_local):  # noqa: F811
+    root = tmp_path_factory.mktemp("train")
+    photos = root / "photos"
+    photos.mkdir()
+    for index in range(5):
+        (photos / f"photo{index}.png").write_bytes(encode(photo(200, 240, index), "PNG"))
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    def make_config(*overrides: str):
+        return config_module.load(REPO / "configs" / "tiny.yaml", [
+            *BASE_OVERRIDES, f"mlflow.tracking_uri={tracking_uri}", f"train.storage_path={root / 'ray'}",
+            f"aux_train.storage_path={root / 'ray'}", *overrides])
+
+    data = root / "data"
+    synthesize(str(photos), str(data), make_config())
+    mlflow.set_tracking_uri(tracking_uri)
+    return {"root": root, "data": str(data), "tracking_uri": tracking_uri, "config": make_config}
+
+
+@pytest.fixture(scope="module")
+def aux_run(workspace):
+    from pipelines.train_aux import train_aux
+
+    return train_aux(workspace["data"], workspace["config"]("aux_train.steps=30", "aux_train.lr=0.003"), "aux")
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_train_aux_end_to_end(workspace, aux_run):
+    from upsr.aux_net import build_aux_net, load_aux_weights
+
+    client = MlflowClient()
+    run = client.get_run(aux_run.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["job"] == "train-aux"
+    history = [value for _, value in losses(client, aux_run.run_id)]
+    assert len(history) == 30
+    assert mean(history[-5:]) < mean(history[:5]), history
+    folder = Path(aux_run.checkpoint_uri)
+    assert folder.name == "checkpoint_00000030"
+    aux = build_aux_net(workspace["config"]().aux)
+    load_aux_weights(aux, folder / "aux.safetensors")
+    artifacts = {a.path for a in client.list_artifacts(aux_run.run_id, "aux")}
+    assert artifacts == {"aux/aux.safetensors", "aux/aux_config.json"}
+
+
+@pytest.mark.slow
+def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_path):
+    import upsr
+    from pipelines.train import train
+
+    config = workspace["config"]("train.steps=30", "loss.lpips_weight=0.5")
+    result = train(workspace["data"], aux_run.checkpoint_uri, config, "e2e")
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["train.steps"] == "30" and params["denoiser.model_channels"] == "32"
+    assert params["global_batch_size"] == "8"
+    assert params["aux.weights"].endswith("aux.safetensors")
+    tags = run.data.tags
+    assert tags["dataset_manifest_sha256"] == open_dataset(workspace["data"]).manifest_hash
+    assert tags["ray_version"] and tags["git_commit"]
+
+    history = losses(client, result.run_id)
+    assert [step for step, _ in history] == list(range(1, 31))
+    values = [value for _, value in history]
+    assert mean(values[-5:]) < 0.8 * mean(values[:5]), values
+    assert losses(client, result.run_id, "nonfinite_steps")[-1][1] == 0
+    assert [step for step, _ in losses(client, result.run_id, "val_psnr")] == [15, 30]
+
+    samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
+    assert {"samples/grid_step_00000015.png", "samples/grid_step_00000030.png",
+            "samples/w_hist_step_00000030.png"} <= samples
+    grid = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples/grid_step_00000030.png",
+                                               dst_path=str(tmp_path))
+    assert np.asarray(Image.open(grid)).shape == (4 * 128, 5 * 128, 3)
+    assert {a.path for a in client.list_artifacts(result.run_id, "dataset")} == {"dataset/_manifest.json"}
+    assert {a.path for a in client.list_artifacts(result.run_id, "config")} == {"config/resolved.yaml"}
+
+    version = client.get_model_version_by_alias("upsr", "challenger")
+    assert version.run_id == result.run_id
+    import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
+
+    pipeline = upsr.load("models:/upsr@challenger")
+    lr_image = photo(32, 48, 7)
+    assert pipeline.upscale(lr_image).shape == (128, 192, 3)
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(lr_image).save(tmp_path / "in" / "small.png")
+    completed = subprocess.run(
+        [str(VENV_BIN / "upsr"), "upscale", str(tmp_path / "in" / "small.png"), "--out", str(tmp_path / "out"),
+         "--model", "models:/upsr@challenger", "--device", "cpu"],
+        capture_output=True, text=True, env=os.environ | {"MLFLOW_TRACKING_URI": workspace["tracking_uri"]})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert np.asarray(Image.open(tmp_path / "out" / "small.png")).shape == (128, 192, 3)
+
+
+@pytest.mark.slow
+def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
+    from pipelines.train import DiffusionTask, train
+    from pipelines.training_loop import STATE_FILE, restore_training_state, warmup_factor
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"]("train.steps=10", "loss.lpips_weight=0"),
+                  "resume")
+    assert Path(first.checkpoint_uri).name == "checkpoint_00000010"
+    second = train(workspace["data"], aux_run.checkpoint_uri,
+                   workspace["config"]("train.steps=20", "loss.lpips_weight=0"), "resume")
+    assert Path(second.checkpoint_uri).name == "checkpoint_00000020"
+    client = MlflowClient()
+    assert losses(client, second.run_id, "resumed_from_step") == [(10, 10.0)]
+    assert [step for step, _ in losses(client, second.run_id)] == list(range(11, 21))
+
+    # Restoring the step-10 checkpoint into fresh objects reproduces its saved state exactly.
+    config = workspace["config"]("loss.lpips_weight=0")
+    checkpoint = Path(first.checkpoint_uri)
+    task = DiffusionTask(config, torch.device("cpu"))
+    model = task.model
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.train.warmup_steps))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
+    assert state.step == 10
+    for name, tensor in load_file(str(checkpoint / "ema.safetensors")).items():
+        assert torch.equal(ema.state_dict()[name], tensor), name
+    for name, tensor in load_file(str(checkpoint / "model.safetensors")).items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    restored = optimizer.state_dict()
+    for index, values in saved["optimizer"]["state"].items():
+        for key, tensor in values.items():
+            assert torch.equal(restored["state"][index][key], tensor), (index, key)
+    assert scheduler.state_dict()["last_epoch"] == 10
+
+    # The resumed run carried that state on: Adam's step counts, the EMA's average count and
+    # the schedule went on from 10 instead of restarting.
+    final = Path(second.checkpoint_uri)
+    final_state = torch.load(final / STATE_FILE, weights_only=True)
+    assert final_state["step"] == 20
+    assert all(int(values["step"]) == 20 for values in final_state["optimizer"]["state"].values())
+    assert final_state["scheduler"]["last_epoch"] == 20
+    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 20
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_path):
+    from pipelines.train import train
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    snapshot = workspace["root"] / "ray" / "fault" / "checkpoint_manager_snapshot.json"
+    killed: list[tuple[int, int]] = []
+
+    def kill_rank_1_after_first_checkpoint():
+        # Ray Train hands a restarted worker group the latest checkpoint its controller has
+        # registered (recorded in the snapshot file), which can trail a worker's report.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (pid_dir / "rank1.pid").exists() and snapshot.exists():
+                latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics", {})
+                if latest.get("step"):
+                    pid = int((pid_dir / "rank1.pid").read_text())
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((pid, latest["step"]))
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank_1_after_first_checkpoint, daemon=True)
+    killer.start()
+    config = workspace["config"]("train.steps=15", "train.checkpoint_every=5", "train.validate_every=100",
+                                 "train.max_failures=1", f"train.debug.pid_dir={pid_dir}", "loss.lpips_weight=0")
+    result = train(workspace["data"], aux_run.checkpoint_uri, config, "fault")
+    killer.join(timeout=5)
+    assert killed, "the test never saw a worker pid and a registered checkpoint"
+    pid, checkpoint_step = killed[0]
+    assert Path(result.checkpoint_uri).name == "checkpoint_00000015"
+    client = MlflowClient()
+    assert losses(client, result.run_id, "resumed_from_step") == [(checkpoint_step, checkpoint_step)]
+    steps = [step for step, _ in losses(client, result.run_id)]
+    assert steps[-1] == 15
+    # Steps the killed attempt logged after the checkpoint are logged again from checkpoint_step + 1.
+    restarts = [later for earlier, later in zip(steps, steps[1:]) if later <= earlier]
+    assert restarts in ([], [checkpoint_step + 1]), steps
+    assert int((pid_dir / "rank1.pid").read_text()) != pid
+
+
+@pytest.mark.slow
+def test_a_nan_batch_is_skipped_and_counted(workspace, aux_run):
+    from pipelines.train import train
+
+    config = workspace["config"]("train.steps=6", "train.checkpoint_every=6", "train.validate_every=100",
+                                 "train.debug.inject_nan_at_steps=[3]", "loss.lpips_weight=0")
+    result = train(workspace["data"], aux_run.checkpoint_uri, config, "nan-once")
+    client = MlflowClient()
+    assert losses(client, result.run_id, "nonfinite_steps")[-1] == (6, 1.0)
+    assert [step for step, _ in losses(client, result.run_id)] == [1, 2, 4, 5, 6]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_consecutive_nan_batches_stop_the_run(workspace, aux_run):
+    from pipelines.train import train
+    from pipelines.training_loop import TrainingFailed
+
+    config = workspace["config"]("train.steps=8", "train.max_failures=0", "train.max_consecutive_nonfinite=3",
+                                 "train.debug.inject_nan_at_steps=[2,3,4]", "loss.lpips_weight=0")
+    with pytest.raises(TrainingFailed, match="3 consecutive non-finite steps .* the last at step 4"):
+        train(workspace["data"], aux_run.checkpoint_uri, config, "nan-diverges")
+    runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'nan-diverges'",
+                              output_format="list")
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint):  # noqa: F811
+    from pipelines.train import train
+
+    client = make_bucket(s3_endpoint, "train-runs")
+    overrides = ["train.storage_path=s3://train-runs/ray", f"storage.s3_endpoint={s3_endpoint}",
+                 "train.checkpoint_every=4", "train.validate_every=100", "loss.lpips_weight=0"]
+    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=4"), "s3run")
+    assert first.checkpoint_uri == "s3://train-runs/ray/s3run/checkpoint_00000004"
+    second = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=8"),
+                   "s3run")
+    keys = {item["Key"] for item in client.list_objects_v2(Bucket="train-runs")["Contents"]}
+    for step in (4, 8):
+        assert f"ray/s3run/checkpoint_{step:08d}/training_state.pt" in keys
+        assert f"ray/s3run/checkpoint_{step:08d}/upsr/weights.safetensors" in keys
+    assert losses(MlflowClient(), second.run_id, "resumed_from_step") == [(4, 4.0)]
+
+
+@pytest.mark.slow
+def test_a_folder_without_manifest_is_refused(workspace, aux_run, tmp_path):
+    from pipelines.train import train
+
+    (tmp_path / "part-00000-000.parquet").write_bytes(b"")
+    with pytest.raises(UserError, match="_manifest.json"):
+        train(str(tmp_path), aux_run.checkpoint_uri, workspace["config"](), "no-manifest")
+
+
+def test_validation_split_is_deterministic_and_by_source():
+    sources = [f"photo{i}.png" for i in range(20) for _ in range(3)]
+    train, val = split_sources(sources, 0.2, seed=0)
+    assert len(val) == 4 and not set(train) & set(val) and len(train) + len(val) == 20
+    assert split_sources(list(reversed(sources)), 0.2, seed=0) == (train, val)
+    assert split_sources(sources, 0.2, seed=1) != (train, val)
+    assert split_sources(["a", "b"], 0.01, seed=0)[1] and split_sources(["a"], 0.5, seed=0) == (["a"], [])
+
+
+def test_params_are_the_flat_config_with_secrets_redacted():
+    from dataclasses import dataclass, field
+
+    from pipelines.tracking import REDACTED, loggable_params
+
+    @dataclass
+    class Service:
+        url: str = "http://example"
+        api_token: str = "abc123"
+        password: str | None = None
+
+    @dataclass
+    class Root:
+        service: Service = field(default_factory=Service)
+        lr: float = 1e-4
+
+    params = loggable_params(Root())
+    assert params == {"service.url": "http://example", "service.api_token": REDACTED, "service.password": "None",
+                      "lr": "0.0001"}
+    assert "train.lr" in loggable_params(config_module.Config())
