@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
@@ -66,7 +67,7 @@ def resolve_aux(aux_uri: str, config: Config) -> tuple[Config, str]:
     if not storage.exists(location, AUX_WEIGHTS_FILE):
         if not storage.exists(location):
             raise UserError(f"--aux {aux_uri}: no such file or folder")
-        if location.fs.get_file_info(location.path).type.name == "Directory":
+        if location.fs.get_file_info(location.path).type == pafs.FileType.Directory:
             raise UserError(f"--aux {aux_uri}: the folder holds no {AUX_WEIGHTS_FILE}; is it a train-aux checkpoint?")
         return replace(config, aux=replace(config.aux, weights=aux_uri)), aux_uri
     if storage.exists(location, AUX_CONFIG_FILE):

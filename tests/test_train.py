@@ -314,3 +314,26 @@ def test_params_are_the_flat_config_with_secrets_redacted():
     assert params == {"service.url": "http://example", "service.api_token": REDACTED, "service.password": "None",
                       "lr": "0.0001"}
     assert "train.lr" in loggable_params(config_module.Config())
+
+
+def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_path):
+    import json as json_module
+
+    from pipelines.train import resolve_aux
+    from upsr.typed_config import to_dict
+
+    config = config_module.load(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(UserError, match="no such file or folder"):
+        resolve_aux(str(tmp_path / "missing"), config)
+    with pytest.raises(UserError, match="holds no aux.safetensors"):
+        resolve_aux(str(tmp_path), config)
+
+    (tmp_path / "aux.safetensors").write_bytes(b"")
+    (tmp_path / "aux_config.json").write_text(json_module.dumps(to_dict(config.aux)))
+    resolved, weights = resolve_aux(str(tmp_path), config)
+    assert weights == str(tmp_path / "aux.safetensors") and resolved.aux.weights == weights
+
+    other = to_dict(config.aux) | {"options": {**config.aux.options, "num_feat": 8}}
+    (tmp_path / "aux_config.json").write_text(json_module.dumps(other))
+    with pytest.raises(UserError, match="aux.options"):
+        resolve_aux(str(tmp_path), config)
