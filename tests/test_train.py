@@ -32,6 +32,8 @@ from tests.support import VENV_BIN, encode, make_bucket, photo, ray_local, s3_en
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_OVERRIDES = ["synth.crop_size=128", "synth.crops_per_image=8", "train_data.materialize=true"]
+# Runs that test the loop's machinery rather than learning: no LPIPS, no validation pass.
+QUICK = ["loss.lpips_weight=0", "train.val_batches=0", "train.checkpoint_every=4"]
 
 
 def losses(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
@@ -147,17 +149,17 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     from pipelines.training_loop import STATE_FILE, restore_training_state, warmup_factor
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"]("train.steps=10", "loss.lpips_weight=0"),
+    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*QUICK, "train.steps=4"),
                   "resume")
-    assert Path(first.checkpoint_uri).name == "checkpoint_00000010"
+    assert Path(first.checkpoint_uri).name == "checkpoint_00000004"
     second = train(workspace["data"], aux_run.checkpoint_uri,
-                   workspace["config"]("train.steps=20", "loss.lpips_weight=0"), "resume")
-    assert Path(second.checkpoint_uri).name == "checkpoint_00000020"
+                   workspace["config"](*QUICK, "train.steps=8"), "resume")
+    assert Path(second.checkpoint_uri).name == "checkpoint_00000008"
     client = MlflowClient()
-    assert losses(client, second.run_id, "resumed_from_step") == [(10, 10.0)]
-    assert [step for step, _ in losses(client, second.run_id)] == list(range(11, 21))
+    assert losses(client, second.run_id, "resumed_from_step") == [(4, 4.0)]
+    assert [step for step, _ in losses(client, second.run_id)] == list(range(5, 9))
 
-    # Restoring the step-10 checkpoint into fresh objects reproduces its saved state exactly.
+    # Restoring the step-4 checkpoint into fresh objects reproduces its saved state exactly.
     config = workspace["config"]("loss.lpips_weight=0")
     checkpoint = Path(first.checkpoint_uri)
     task = DiffusionTask(config, torch.device("cpu"))
@@ -167,7 +169,7 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.train.warmup_steps))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
-    assert state.step == 10
+    assert state.step == 4
     for name, tensor in load_file(str(checkpoint / "ema.safetensors")).items():
         assert torch.equal(ema.state_dict()[name], tensor), name
     for name, tensor in load_file(str(checkpoint / "model.safetensors")).items():
@@ -177,16 +179,16 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     for index, values in saved["optimizer"]["state"].items():
         for key, tensor in values.items():
             assert torch.equal(restored["state"][index][key], tensor), (index, key)
-    assert scheduler.state_dict()["last_epoch"] == 10
+    assert scheduler.state_dict()["last_epoch"] == 4
 
     # The resumed run carried that state on: Adam's step counts, the EMA's average count and
-    # the schedule went on from 10 instead of restarting.
+    # the schedule went on from 4 instead of restarting.
     final = Path(second.checkpoint_uri)
     final_state = torch.load(final / STATE_FILE, weights_only=True)
-    assert final_state["step"] == 20
-    assert all(int(values["step"]) == 20 for values in final_state["optimizer"]["state"].values())
-    assert final_state["scheduler"]["last_epoch"] == 20
-    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 20
+    assert final_state["step"] == 8
+    assert all(int(values["step"]) == 8 for values in final_state["optimizer"]["state"].values())
+    assert final_state["scheduler"]["last_epoch"] == 8
+    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 8
 
 
 @pytest.mark.slow
@@ -214,8 +216,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
 
     killer = threading.Thread(target=kill_rank_1_after_first_checkpoint, daemon=True)
     killer.start()
-    config = workspace["config"]("train.steps=15", "train.checkpoint_every=5", "train.validate_every=100",
-                                 "train.max_failures=1", f"train.debug.pid_dir={pid_dir}", "loss.lpips_weight=0")
+    config = workspace["config"](*QUICK, "train.steps=15", "train.checkpoint_every=5", "train.max_failures=1",
+                                 f"train.debug.pid_dir={pid_dir}")
     result = train(workspace["data"], aux_run.checkpoint_uri, config, "fault")
     killer.join(timeout=5)
     assert killed, "the test never saw a worker pid and a registered checkpoint"
@@ -235,8 +237,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
 def test_a_nan_batch_is_skipped_and_counted(workspace, aux_run):
     from pipelines.train import train
 
-    config = workspace["config"]("train.steps=6", "train.checkpoint_every=6", "train.validate_every=100",
-                                 "train.debug.inject_nan_at_steps=[3]", "loss.lpips_weight=0")
+    config = workspace["config"](*QUICK, "train.steps=6", "train.checkpoint_every=6",
+                                 "train.debug.inject_nan_at_steps=[3]")
     result = train(workspace["data"], aux_run.checkpoint_uri, config, "nan-once")
     client = MlflowClient()
     assert losses(client, result.run_id, "nonfinite_steps")[-1] == (6, 1.0)
@@ -249,8 +251,8 @@ def test_consecutive_nan_batches_stop_the_run(workspace, aux_run):
     from pipelines.train import train
     from pipelines.training_loop import TrainingFailed
 
-    config = workspace["config"]("train.steps=8", "train.max_failures=0", "train.max_consecutive_nonfinite=3",
-                                 "train.debug.inject_nan_at_steps=[2,3,4]", "loss.lpips_weight=0")
+    config = workspace["config"](*QUICK, "train.steps=8", "train.max_failures=0", "train.max_consecutive_nonfinite=3",
+                                 "train.debug.inject_nan_at_steps=[2,3,4]")
     with pytest.raises(TrainingFailed, match="3 consecutive non-finite steps .* the last at step 4"):
         train(workspace["data"], aux_run.checkpoint_uri, config, "nan-diverges")
     runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'nan-diverges'",
@@ -263,8 +265,7 @@ def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint)
     from pipelines.train import train
 
     client = make_bucket(s3_endpoint, "train-runs")
-    overrides = ["train.storage_path=s3://train-runs/ray", f"storage.s3_endpoint={s3_endpoint}",
-                 "train.checkpoint_every=4", "train.validate_every=100", "loss.lpips_weight=0"]
+    overrides = [*QUICK, "train.storage_path=s3://train-runs/ray", f"storage.s3_endpoint={s3_endpoint}"]
     first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=4"), "s3run")
     assert first.checkpoint_uri == "s3://train-runs/ray/s3run/checkpoint_00000004"
     second = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=8"),
