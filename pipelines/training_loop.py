@@ -28,7 +28,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -327,6 +327,9 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     from pipelines.ray_env import init_ray
 
     init_ray(config.ray)
+    # Resolved here, once: the default is a path under the driver's folder, and Ray workers run
+    # elsewhere (their own default would point at another database).
+    config = replace(config, mlflow=replace(config.mlflow, tracking_uri=tracking.tracking_uri(config.mlflow)))
     if settings.use_gpu and not ray.cluster_resources().get("GPU") and not (config.ray.address
                                                                               or os.environ.get("RAY_ADDRESS")):
         raise UserError(f"{job}: use_gpu is true but this local Ray instance has no GPU; "
