@@ -110,6 +110,10 @@ class TrainConfig:
     # Not from the paper: a safety net against rare loss spikes that costs nothing otherwise.
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) over the first updates, so that a
+    # short run's EMA follows the model instead of staying at its random initialisation
+    # (0.999^30 leaves 97 % of it). The ramp ends after ~9k updates: no effect at paper scale.
+    ema_warmup: bool = True
     # "auto": bf16 autocast on GPUs, plain fp32 on CPUs. "fp16" adds a GradScaler.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = 5000

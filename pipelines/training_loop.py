@@ -91,6 +91,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def ema_update(decay: float, warmup: bool) -> Callable:
+    """``AveragedModel``'s multi_avg_fn: a fixed decay, or one ramped as min(decay, (1 + n) / (10 + n))."""
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        updates = int(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + updates) / (10 + updates)))
+
+    return update
+
+
 def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -143,7 +155,7 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     task = task_factory(device)
     model = task.model.to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup_steps))
