@@ -96,7 +96,12 @@ def ema_update(decay: float, warmup: bool) -> Callable:
     if not warmup:
         return get_ema_multi_avg_fn(decay)
 
+    @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        # Called once per dtype group; integer buffers (e.g. attention position indices) are copied.
+        if not torch.is_floating_point(ema_params[0]):
+            torch._foreach_copy_(ema_params, params)
+            return
         updates = int(num_averaged)
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + updates) / (10 + updates)))
 

@@ -7,8 +7,16 @@ from torch.optim.swa_utils import AveragedModel
 from pipelines.training_loop import ema_update
 
 
+class WithIndex(nn.Linear):
+    """A layer with an integer buffer, like the denoiser's relative-position index."""
+
+    def __init__(self):
+        super().__init__(1, 1, bias=False)
+        self.register_buffer("index", torch.arange(5))
+
+
 def run_ema(warmup: bool, updates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    model = nn.Linear(1, 1, bias=False)
+    model = WithIndex()
     nn.init.zeros_(model.weight)
     ema = AveragedModel(model, multi_avg_fn=ema_update(0.999, warmup), use_buffers=True)
     expected = None
@@ -23,6 +31,7 @@ def run_ema(warmup: bool, updates: int) -> tuple[torch.Tensor, torch.Tensor]:
             n = step  # updates averaged before this one
             decay = min(0.999, (1 + n) / (10 + n)) if warmup else 0.999
             expected = decay * expected + (1 - decay) * value
+    assert torch.equal(ema.module.index, torch.arange(5))
     return ema.module.weight.detach(), expected
 
 
