@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from pipelines import config as config_module
 from pipelines.cli import UserError
 from pipelines.dataset import open_dataset
+from pipelines.images import decode_png
 from pipelines.synth import synthesize
 from pipelines.train_data import split_sources
 from tests.support import VENV_BIN, encode, make_bucket, photo, ray_local, s3_endpoint  # noqa: F401
@@ -80,12 +82,29 @@ def test_train_aux_end_to_end(workspace, aux_run):
     assert run.info.status == "FINISHED"
     assert run.data.tags["job"] == "train-aux"
     history = [value for _, value in losses(client, aux_run.run_id)]
-    assert len(history) == 30
-    assert mean(history[-5:]) < mean(history[:5]), history
+    assert len(history) == 30 and all(np.isfinite(history))
     folder = Path(aux_run.checkpoint_uri)
     assert folder.name == "checkpoint_00000030"
     aux = build_aux_net(workspace["config"]().aux)
     load_aux_weights(aux, folder / "aux.safetensors")
+
+    # The tiny aux net starts close to bicubic and gains ~1 % of L1 in 30 steps, less than the
+    # batch-to-batch noise of the logged loss; so the objective is measured over the whole train
+    # split, before (the workers' seeded initialisation) and after training.
+    config = workspace["config"]()
+    dataset = open_dataset(workspace["data"])
+    train_sources, _ = split_sources(sorted({s for s in pq.read_table(dataset.shard_paths, columns=["source"])
+                                             ["source"].to_pylist()}), config.train_data.val_fraction,
+                                     config.train_data.split_seed)
+    rows = [r for r in pq.read_table(dataset.shard_paths).to_pylist() if r["source"] in train_sources]
+    lr = torch.stack([torch.from_numpy(decode_png(r["lr_png"])).permute(2, 0, 1) for r in rows]).float() / 255
+    hr = torch.stack([torch.from_numpy(decode_png(r["hr_png"])).permute(2, 0, 1) for r in rows]).float() / 255
+    torch.manual_seed(config.aux_train.seed)
+    initial = build_aux_net(config.aux)
+    with torch.no_grad():
+        before = torch.mean(torch.abs(initial(lr) - hr)).item()
+        after = torch.mean(torch.abs(aux(lr) - hr)).item()
+    assert after < before, (before, after)
     artifacts = {a.path for a in client.list_artifacts(aux_run.run_id, "aux")}
     assert artifacts == {"aux/aux.safetensors", "aux/aux_config.json"}
 
