@@ -142,13 +142,12 @@ class Degrader:
         if self.primitives == "basicsr":
             # basicsr's filter2D reshapes with view(), which needs contiguous input (e.g. after DiffJPEG).
             return filter2D(images.contiguous(), torch.from_numpy(kernels).to(images.device))
-        planes = images.contiguous().numpy()
-        out = np.empty_like(planes)
+        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC: one OpenCV call filters 3 channels
+        out = np.empty_like(pixels)
         for i, kernel in enumerate(kernels):
-            for c in range(planes.shape[1]):
-                # BORDER_REFLECT_101 is torch's "reflect" padding, which filter2D uses.
-                out[i, c] = cv2.filter2D(planes[i, c], -1, kernel, borderType=cv2.BORDER_REFLECT_101)
-        return torch.from_numpy(out)
+            # BORDER_REFLECT_101 is torch's "reflect" padding, which filter2D uses.
+            out[i] = cv2.filter2D(pixels[i], -1, trim_zero_border(kernel), borderType=cv2.BORDER_REFLECT_101)
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
 
     def jpeg(self, image: torch.Tensor, quality: int) -> torch.Tensor:
         """JPEG round trip of one image (1, 3, H, W) at an integer quality."""
@@ -170,10 +169,29 @@ class Degrader:
         devices = [image.device] if image.device.type == "cuda" else []
         # basicsr draws from torch's global generator; a forked, seeded one makes the field replayable.
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(noise["seed"])
+            # What torch.manual_seed does for this image's device, without its per-call lazy
+            # seeding of every other accelerator backend (~1 ms each on a CPU-only machine).
+            torch.default_generator.manual_seed(noise["seed"])
+            if devices:
+                with torch.cuda.device(image.device):
+                    torch.cuda.manual_seed(noise["seed"])
             if noise["kind"] == "gaussian":
                 return add_gaussian_noise_pt(image, sigma=noise["sigma"], gray_noise=gray, clip=True, rounds=False)
             return torch.clamp(image + poisson_noise(image, noise["scale"], noise["gray"]), 0, 1)
+
+
+def trim_zero_border(kernel: np.ndarray) -> np.ndarray:
+    """The kernel without the zero rows and columns that pad it to ``pad_to``, kept centred.
+
+    Correlating with the zero ring adds nothing, and a reflected border pixel maps to the same
+    source pixel whatever the padding width, so the result is the same; a 7x7 kernel padded
+    to 21x21 filters ~5x faster (OpenCV switches to a DFT above 11x11).
+    """
+    nonzero = np.flatnonzero(np.abs(kernel).sum(axis=0) + np.abs(kernel).sum(axis=1))
+    if nonzero.size == 0:
+        return kernel
+    ring = min(nonzero[0], kernel.shape[0] - 1 - nonzero[-1])
+    return kernel[ring:kernel.shape[0] - ring, ring:kernel.shape[1] - ring] if ring else kernel
 
 
 def poisson_noise(image: torch.Tensor, scale: float, gray: bool) -> torch.Tensor:

@@ -113,11 +113,11 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
     sink = SynthDatasink(output, config, files_seen=len(files))
     (
         ray.data.from_items(files, override_num_blocks=min(len(files), 200))
-        .map_batches(load_crops, fn_kwargs={"source": source, "settings": to_dict(synth)}, batch_size=1,
-                     batch_format="pyarrow")
-        .map_batches(DegradeCrops, fn_constructor_kwargs={"degradation": to_dict(config.degradation),
-                                                           "png_compression": synth.png_compression},
-                     batch_size=synth.batch_size, batch_format="pyarrow",
+        # One file per call: Ray Data bundles input rows up to the batch size before it picks an
+        # actor, so a batch of several files would hand most of a small job to one actor.
+        .map_batches(SynthesizeFiles, fn_constructor_kwargs={"source": source, "settings": to_dict(synth),
+                                                              "degradation": to_dict(config.degradation)},
+                     batch_size=1, batch_format="pyarrow",
                      compute=ActorPoolStrategy(size=actor_pool_size(synth)),
                      num_cpus=synth.actor_cpus, num_gpus=synth.actor_gpus)
         # Writing only moves encoded bytes: it takes no CPU slot from the actors.
@@ -154,9 +154,8 @@ STAGE_SCHEMA = pa.schema([
 ])
 
 
-def load_crops(batch: pa.Table, source: storage.Location, settings: dict[str, Any]) -> pa.Table:
+def load_crops(batch: pa.Table, source: storage.Location, synth: config_module.SynthConfig) -> pa.Table:
     """Read, decode and crop files; unusable files become rows that only carry a reason."""
-    synth = from_dict(config_module.SynthConfig, settings)
     rows: list[dict[str, Any]] = []
     for path, name in zip(batch["path"].to_pylist(), batch["source"].to_pylist()):
         try:
@@ -177,23 +176,31 @@ def load_crops(batch: pa.Table, source: storage.Location, settings: dict[str, An
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
-class DegradeCrops:
-    """Actor: degrades crops and PNG-encodes both images of each pair.
+class SynthesizeFiles:
+    """Actor: reads, decodes and crops files, degrades the crops in batches of ``synth.batch_size``
+    and PNG-encodes both images of each pair.
 
-    Holds one ``Degrader`` (and DiffJPEG's tables on the GPU) for its lifetime. Encoding here
-    rather than in a later stage keeps all per-crop CPU work in the pool, in parallel; the
-    write stage that follows only moves bytes.
+    Holds one ``Degrader`` (and DiffJPEG's tables on the GPU) for its lifetime. Doing all
+    per-file and per-crop work here keeps it in the pool, in parallel; the write stage that
+    follows only moves bytes.
     """
 
-    def __init__(self, degradation: dict[str, Any], png_compression: int):
+    def __init__(self, source: storage.Location, settings: dict[str, Any], degradation: dict[str, Any]):
         import cv2
 
         cv2.setNumThreads(1)  # one CPU per actor: parallelism comes from the pool
+        self.source = source
+        self.synth = from_dict(config_module.SynthConfig, settings)
         self.config = from_dict(DegradationConfig, degradation)
         self.degrader = Degrader(self.config.primitives, self.config.device)
-        self.png_compression = png_compression
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, files: pa.Table) -> pa.Table:
+        crops = load_crops(files, self.source, self.synth)
+        size = self.synth.batch_size
+        return pa.concat_tables([self.degrade(crops.slice(start, size))
+                                 for start in range(0, max(crops.num_rows, 1), size)])
+
+    def degrade(self, batch: pa.Table) -> pa.Table:
         good = [i for i, reason in enumerate(batch["reason"].to_pylist()) if reason is None]
         hr_png: list[bytes] = [b""] * batch.num_rows
         lr_png: list[bytes] = [b""] * batch.num_rows
@@ -206,8 +213,8 @@ class DegradeCrops:
             drawn = [sample(seeds[i], self.config) for i in good]
             lr = self.degrader.apply(hr, drawn)
             for k, i in enumerate(good):
-                hr_png[i] = encode_png(hr[k], self.png_compression)
-                lr_png[i] = encode_png(lr[k], self.png_compression)
+                hr_png[i] = encode_png(hr[k], self.synth.png_compression)
+                lr_png[i] = encode_png(lr[k], self.synth.png_compression)
                 records[i] = json.dumps(drawn[k], sort_keys=True)
         return (batch.drop_columns(["hr_raw"])
                 .append_column("degradation", pa.array(records, pa.string()))
