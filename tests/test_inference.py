@@ -158,3 +158,17 @@ def test_large_images_in_a_list_go_one_at_a_time_and_small_ones_share_calls(stan
     crops_per_call.clear()
     pipeline.upscale([astronaut_lr(16, 16)] * 3)
     assert crops_per_call == [3] * pipeline.diffusion.num_steps
+
+
+def test_a_per_call_seed_replaces_the_configured_one(stand_in_pipeline):
+    pipeline = stand_in_pipeline(InferenceConfig(tile=64, stride=48, seed=0))
+    image = astronaut_lr(16, 24)
+    configured = pipeline.upscale(image)
+    assert np.array_equal(pipeline.upscale(image, seed=0), configured)
+    with_seed_5 = pipeline.upscale(image, seed=5)
+    assert not np.array_equal(with_seed_5, configured)
+    pipeline.inference_config = replace(pipeline.inference_config, seed=5)
+    assert np.array_equal(pipeline.upscale(image), with_seed_5)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(pipeline.upscale(tensor, seed=3), pipeline.upscale(tensor, seed=3))
+    assert not torch.equal(pipeline.upscale(tensor, seed=3), pipeline.upscale(tensor, seed=4))

@@ -132,15 +132,18 @@ class UPSRPipeline:
         return self
 
     @torch.no_grad()
-    def upscale(self, images: ImageInput) -> np.ndarray | list[np.ndarray] | torch.Tensor:
+    def upscale(self, images: ImageInput, seed: int | None = None) -> np.ndarray | list[np.ndarray] | torch.Tensor:
         """x4 super-resolution of a uint8 HxWx3 array, a list of them, or a float Bx3xhxw tensor in [0, 1].
 
-        Returns the same kind: uint8 array(s) or a float tensor on the input's device.
+        Returns the same kind: uint8 array(s) or a float tensor on the input's device. ``seed``
+        replaces ``inference_config.seed`` for this call; each network call draws its noise
+        from a generator seeded with it, so a caller that needs one image's result to be the
+        same whatever else is upscaled passes one image and its own seed per call.
         """
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
                 raise ValueError(f"expected a float Bx3xhxw tensor in [0, 1], got {images.dtype} {tuple(images.shape)}")
-            return self._upscale_batch(images.to(self.device, torch.float32)).to(images.device)
+            return self._upscale_batch(images.to(self.device, torch.float32), seed).to(images.device)
         single = isinstance(images, np.ndarray)
         arrays = [images] if single else list(images)
         for index, array in enumerate(arrays):
@@ -156,7 +159,7 @@ class UPSRPipeline:
             for first in range(0, len(indices), per_call):
                 chunk = indices[first:first + per_call]
                 lr = torch.from_numpy(np.stack([arrays[i] for i in chunk])).to(self.device)
-                sr = self._upscale_batch(lr.permute(0, 3, 1, 2).float() / 255)
+                sr = self._upscale_batch(lr.permute(0, 3, 1, 2).float() / 255, seed)
                 sr_uint8 = (sr * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 for i, image in zip(chunk, sr_uint8):
                     outputs[i] = image
@@ -166,7 +169,7 @@ class UPSRPipeline:
         padded_side = -(-max(height, width) // self.lr_multiple) * self.lr_multiple
         return padded_side > self.inference_config.tile
 
-    def _upscale_batch(self, lr: torch.Tensor) -> torch.Tensor:
+    def _upscale_batch(self, lr: torch.Tensor, seed: int | None) -> torch.Tensor:
         height, width = lr.shape[-2:]
         padded = reflect_pad_to_multiple(lr, self.lr_multiple)
         config = self.inference_config
@@ -181,7 +184,7 @@ class UPSRPipeline:
                                        config.tile_batch)
         condition = sr_condition(aux_net, padded, self.weight_config, self.denoiser.config.use_sr_condition,
                                  self.scale)
-        generator = torch.Generator(device=lr.device).manual_seed(config.seed)
+        generator = torch.Generator(device=lr.device).manual_seed(config.seed if seed is None else seed)
         x0 = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight,
                                    sampler=config.sampler, generator=generator)
         return ((x0 + 1) / 2)[..., : height * self.scale, : width * self.scale].clamp(0, 1)

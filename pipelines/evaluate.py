@@ -1,0 +1,541 @@
+"""Evaluate a model on an eval set: Ray Data batch inference in an actor pool, per-image metrics.
+
+The eval set (``pipelines.eval_set``: a synthesised dataset, a folder of LR/HR pairs, or LR
+images only) flows through a fixed pool of actors that each load the model once (on a GPU
+when the cluster has GPUs, or as ``evaluate.actor_gpus`` says) and upscale one image per
+call, tiled as the model's inference config says. Every image is sampled with its own seed, derived from
+``inference.seed`` and its id, so its result does not depend on the batch it came in, the
+number of actors or the layout it was read from.
+
+Per image: PSNR and SSIM (Y channel) and LPIPS against the HR image when there is one; LR
+consistency (PSNR of the SR image downscaled back to the LR size, against the LR) and NIQE,
+which need no reference; the seconds spent upscaling; the SHA-256 of the input files. An
+image that cannot be read or upscaled becomes a row with an ``error`` and makes the
+evaluation partial.
+
+Outputs: the per-image table (Parquet; written whole or not at all), a summary JSON beside it
+(aggregates, the model and its resolved version, the eval-set hash, what could not be
+computed and why), and an MLflow run holding both, the aggregates as metrics, a few
+side-by-side images (LR bicubic | SR | HR) and ``upsr.eval.*`` tags that ``upsr promote``
+uses to find and reuse the evaluation.
+
+Exit status: 0 when every image was evaluated, 1 when any image failed or the run broke, 2
+on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import config as config_module
+from pipelines import registry, storage
+from pipelines.cli import UserError, run_job
+from pipelines.config import Config, EvaluateConfig, LossConfig
+from pipelines.eval_set import EvalSet, content_hash, open_eval_set, sha256
+from pipelines.ray_env import init_ray
+from pipelines.synth import add_config_arguments
+from upsr.typed_config import to_dict
+
+log = logging.getLogger(__name__)
+
+JOB = "evaluate"
+# Bump when an image's numbers change for the same model, image and settings (a metric's
+# definition, the seeding): stored evaluations of another version are then not reused.
+METRICS_VERSION = 1
+# metric -> higher is better
+METRICS = {"psnr": True, "ssim": True, "lpips": False, "lr_consistency": True, "niqe": False}
+FULL_REFERENCE = ("psnr", "ssim", "lpips")
+UNAVAILABLE_NO_REFERENCE = {
+    "musiq": "needs pretrained network weights, which this project neither ships nor downloads",
+    "clipiqa": "needs pretrained CLIP weights, which this project neither ships nor downloads",
+}
+# Side-by-side panels of large images show the centre, at most this many HR pixels square.
+PANEL_SIDE = 512
+# LPIPS on a random trunk must at least be the same random trunk in every actor and run.
+RANDOM_LPIPS_SEED = 0
+
+RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("lr_width", pa.int32()), ("lr_height", pa.int32()),
+    ("lr_sha256", pa.string()), ("hr_sha256", pa.string()), ("seed", pa.int64()),
+    *((name, pa.float64()) for name in METRICS),
+    ("seconds", pa.float64()), ("error", pa.string()),
+])
+PANEL_COLUMN = "panel_png"
+ACTOR_SCHEMA = RESULT_SCHEMA.append(pa.field(PANEL_COLUMN, pa.binary()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder or registered model (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    parser.add_argument("--data", required=True, metavar="EVAL",
+                        help="eval set, local or s3://: a synthesised dataset, a folder with lr/ and hr/ "
+                             "subfolders (pairs matched by path without extension), or a folder of LR images")
+    parser.add_argument("--out", metavar="FILE",
+                        help="per-image table (.parquet, local or s3://); the summary goes beside it as "
+                             "<name>.summary.json (default: <evaluate.output_dir>/<time>-<model>/metrics.parquet)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config, args.set)
+    model = registry.resolve_model(args.model, config.mlflow)
+    evaluation = evaluate(model, open_eval_set(args.data, config.storage), config, args.out)
+    return 0 if evaluation.complete else 1
+
+
+@dataclass
+class LpipsSetting:
+    """How LPIPS is computed here: with pretrained VGG16 weights, a seeded random trunk, or not at all."""
+
+    mode: str  # "pretrained", "random" or "off"
+    backbone: str | None
+    description: str
+
+
+def lpips_setting(loss: LossConfig) -> LpipsSetting:
+    """Decided once on the driver, so every actor computes LPIPS the same way (or none does)."""
+    from upsr.losses import default_vgg16_path
+
+    path = Path(loss.lpips_backbone) if loss.lpips_backbone else default_vgg16_path()
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return LpipsSetting("pretrained", str(path), f"VGG16 {path.name} (sha256 {digest.hexdigest()[:16]})")
+    if loss.allow_random_backbone:
+        return LpipsSetting("random", None, "randomly initialised VGG16 trunk (loss.allow_random_backbone; no "
+                                            "weights at " f"{path}): LPIPS values are not meaningful, only "
+                                            "comparable between evaluations made the same way")
+    return LpipsSetting("off", None, f"no VGG16 weights at {path}: set loss.lpips_backbone to torchvision's "
+                                     "vgg16-397923af.pth")
+
+
+def settings_hash(config: Config, lpips: LpipsSetting) -> str:
+    """What besides the model and the images decides an image's numbers; part of the reuse key."""
+    settings = {"metrics_version": METRICS_VERSION, "metrics": to_dict(config.metrics),
+                "seed": config.inference.seed, "lpips": lpips.description if lpips.mode != "off" else "off",
+                "niqe": config.evaluate.niqe}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Evaluation:
+    """One model's per-image results on an eval set; ``complete`` when every image was evaluated."""
+
+    table: pa.Table
+    summary: dict[str, Any]
+    complete: bool
+    run_id: str | None = None
+    problems: list[str] = field(default_factory=list)
+    reused: bool = False
+
+    @property
+    def set_hash(self) -> str | None:
+        return self.summary.get("eval_set", {}).get("hash")
+
+
+def default_output(model: registry.ModelRef, output_dir: str) -> str:
+    folder = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}-{model.slug}"
+    if storage.is_s3(output_dir):
+        return f"{output_dir.rstrip('/')}/{folder}/metrics.parquet"
+    return str(Path(output_dir, folder, "metrics.parquet").resolve())
+
+
+def summary_uri(table_uri: str) -> str:
+    return table_uri[: -len(".parquet")] + ".summary.json"
+
+
+def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_uri: str | None = None) -> Evaluation:
+    """Run the evaluation, write its outputs and its MLflow run; never raises for a failed image
+    or a broken Ray run (``complete`` is then False and the run is marked FAILED)."""
+    out_uri = out_uri or default_output(model, config.evaluate.output_dir)
+    if not out_uri.endswith(".parquet"):
+        raise UserError(f"--out {out_uri}: the per-image table is Parquet: give a path ending in .parquet")
+    lpips = lpips_setting(config.loss)
+    if lpips.mode == "random":
+        log.warning("LPIPS: %s", lpips.description)
+    settings = settings_hash(config, lpips)
+    init_ray(config.ray)
+    gpus = actor_gpus(config.evaluate)
+    mlflow_client = registry.client(config.mlflow)
+    run_id = start_run(mlflow_client, config, model, eval_set, lpips, settings, out_uri, gpus)
+    log.info("evaluating %s on %s (%s, %d images); MLflow run %s", model.label, eval_set.uri, eval_set.layout,
+             len(eval_set.ids), run_id)
+    started = time.monotonic()
+    try:
+        rows = run_inference(model, eval_set, config, lpips, gpus)
+    except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
+        log.exception("the evaluation of %s failed", model.label)
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        mlflow_client.set_tag(run_id, registry.EVAL_TAG + "error", reason[:5000])
+        mlflow_client.set_terminated(run_id, "FAILED")
+        summary = {"complete": False, "error": reason, "model": model_summary(model), "mlflow_run_id": run_id}
+        return Evaluation(RESULT_SCHEMA.empty_table(), summary, complete=False, run_id=run_id,
+                          problems=[f"the evaluation run failed: {reason}"])
+
+    try:
+        panels = {row["id"]: row[PANEL_COLUMN] for row in rows.select(["id", PANEL_COLUMN]).to_pylist()
+                  if row[PANEL_COLUMN] is not None}
+        table = rows.drop_columns([PANEL_COLUMN]).sort_by("id")
+        problems = completeness_problems(table, eval_set.ids)
+        complete = not problems
+        set_hash = table_content_hash(table) if complete else None
+        summary = build_summary(table, model, eval_set, config, lpips, settings, set_hash, problems, out_uri, run_id,
+                                time.monotonic() - started)
+        write_outputs(table, summary, out_uri, config)
+        log_results(mlflow_client, run_id, model, eval_set, table, summary, panels)
+    except BaseException:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
+    mlflow_client.set_terminated(run_id, "FINISHED" if complete else "FAILED")
+    report(summary, problems, out_uri)
+    return Evaluation(table, summary, complete, run_id, problems)
+
+
+def start_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set: EvalSet, lpips: LpipsSetting,
+              settings: str, out_uri: str, gpus: float) -> str:
+    from mlflow.entities import Param
+
+    from pipelines import tracking
+
+    experiment_id = tracking.connect(config.mlflow)
+    tags = {"job": JOB, registry.TAG_MODEL_URI: model.load_uri, registry.TAG_SETTINGS_HASH: settings,
+            registry.EVAL_TAG + "layout": eval_set.layout, registry.EVAL_TAG + "lpips": lpips.mode,
+            registry.TAG_COMPLETE: "false"}
+    if model.version:
+        tags |= {registry.TAG_MODEL_NAME: model.name, registry.TAG_MODEL_VERSION: model.version}
+    run = mlflow_client.create_run(experiment_id, run_name=f"evaluate-{model.slug}", tags=tags)
+    run_id = run.info.run_id
+    params = {"model": model.uri, "model_loaded": model.load_uri, "eval_set": eval_set.uri,
+              "eval_layout": eval_set.layout, "eval_images": len(eval_set.ids), "seed": config.inference.seed,
+              "lpips": lpips.description, "output": out_uri, "gpus_per_actor": gpus,
+              **{f"metrics.{k}": v for k, v in to_dict(config.metrics).items()},
+              **{f"evaluate.{k}": v for k, v in to_dict(config.evaluate).items()}}
+    mlflow_client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
+    if model.model_id:
+        from mlflow.entities import LoggedModelInput
+
+        mlflow_client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
+    return run_id
+
+
+def actor_gpus(settings: EvaluateConfig) -> float:
+    """``evaluate.actor_gpus``, or when unset one GPU per actor if the cluster has GPUs now.
+
+    Refuses a pool that not even one actor fits in; warns when fewer than asked fit now.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = settings.actor_gpus if settings.actor_gpus is not None else float(resources.get("GPU", 0) >= 1)
+    fits = int(resources.get("CPU", 0) // settings.actor_cpus) if settings.actor_cpus else settings.num_actors
+    if gpus:
+        fits = min(fits, int(resources.get("GPU", 0) // gpus))
+    if fits < 1:
+        raise UserError(f"the Ray cluster has no room for one evaluation actor ({settings.actor_cpus} CPU, "
+                        f"{gpus} GPU): {resources}")
+    if fits < settings.num_actors:
+        log.warning("the Ray cluster holds %d of the %d evaluation actors asked for now; Ray Data waits for the "
+                    "rest (an autoscaling cluster adds nodes; a fixed one needs a lower evaluate.num_actors)",
+                    fits, settings.num_actors)
+    return gpus
+
+
+def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,
+                  gpus: float) -> pa.Table:
+    """The actor pool over the eval set (``gpus`` per actor); one result row per image that reached an actor."""
+    import mlflow
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    settings = config.evaluate
+    actor_settings = {
+        "seed": config.inference.seed, "metrics": to_dict(config.metrics),
+        # LR-only sets never need LPIPS: building its VGG costs seconds per actor.
+        "lpips": lpips.mode if eval_set.has_reference else "off",
+        "lpips_backbone": lpips.backbone, "niqe": settings.niqe, "max_pixels": config.synth.max_pixels,
+        "panel_ids": list(eval_set.ids[:settings.side_by_side]), "threads": max(1, math.ceil(settings.actor_cpus)),
+    }
+    results = eval_set.ray_dataset().map_batches(
+        EvaluateImages,
+        fn_constructor_kwargs={"model_uri": model.load_uri, "tracking_uri": mlflow.get_tracking_uri(),
+                               "location": eval_set.location, "settings": actor_settings},
+        batch_size=settings.batch_size, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=settings.num_actors),
+        num_cpus=settings.actor_cpus, num_gpus=gpus)
+    blocks = ray.get(results.to_arrow_refs())
+    return pa.concat_tables([block.select(ACTOR_SCHEMA.names).cast(ACTOR_SCHEMA) for block in blocks]) \
+        if blocks else ACTOR_SCHEMA.empty_table()
+
+
+class EvaluateImages:
+    """Actor: loads the model (and LPIPS) once, then upscales and scores one image at a time."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, location: storage.Location, settings: dict[str, Any]):
+        import mlflow
+        import torch
+
+        import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
+        import upsr
+        from upsr.config import MetricsConfig
+        from upsr.typed_config import from_dict
+
+        torch.set_num_threads(settings["threads"])
+        # The driver's tracking URI: a relative default would resolve against this worker's folder.
+        mlflow.set_tracking_uri(tracking_uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline = upsr.load(model_uri, device=self.device)
+        self.location = location
+        self.settings = settings
+        self.metrics_config = from_dict(MetricsConfig, settings["metrics"])
+        self.panel_ids = set(settings["panel_ids"])
+        self.lpips = None
+        if settings["lpips"] != "off":
+            from upsr.losses import build_lpips
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_LPIPS_SEED)
+                self.lpips = build_lpips(settings["lpips_backbone"], settings["lpips"] == "random").to(self.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.evaluate_one(row) for row in batch.to_pylist()], schema=ACTOR_SCHEMA)
+
+    def read(self, row: dict[str, Any]) -> tuple[bytes, bytes | None]:
+        if "lr_png" in row:
+            return row["lr_png"], row["hr_png"]
+        hr = storage.read_bytes(self.location, row["hr_path"]) if row.get("hr_path") else None
+        return storage.read_bytes(self.location, row["lr_path"]), hr
+
+    def evaluate_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.images import RejectedImage, decode_rgb, derive_seed
+
+        image_id = row["id"]
+        result: dict[str, Any] = {"id": image_id, "seed": derive_seed(self.settings["seed"], JOB, image_id)}
+        try:
+            lr_bytes, hr_bytes = self.read(row)
+            result["lr_sha256"] = sha256(lr_bytes)
+            result["hr_sha256"] = sha256(hr_bytes) if hr_bytes is not None else None
+            lr = decode_rgb(lr_bytes, self.settings["max_pixels"], min_side=1)
+            result["lr_height"], result["lr_width"] = lr.shape[:2]
+            hr = decode_rgb(hr_bytes, self.settings["max_pixels"], min_side=1) if hr_bytes is not None else None
+            scale = self.pipeline.scale
+            if hr is not None and hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
+                raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected x{scale} the LR's "
+                                 f"{lr.shape[1]}x{lr.shape[0]}")
+            started = time.perf_counter()
+            sr = self.pipeline.upscale(lr, seed=result["seed"])
+            result["seconds"] = time.perf_counter() - started
+            result |= self.score(lr, sr, hr)
+            if image_id in self.panel_ids:
+                result[PANEL_COLUMN] = side_by_side(lr, sr, hr, scale)
+        except (RejectedImage, ValueError, OSError) as error:
+            log.warning("image %s: %s", image_id, error)
+            result["error"] = f"{type(error).__name__}: {error}"
+        except Exception as error:  # noqa: BLE001  (one image's failure is recorded, the rest go on)
+            log.exception("image %s failed", image_id)
+            result["error"] = f"{type(error).__name__}: {error}"
+        return result
+
+    def score(self, lr: np.ndarray, sr: np.ndarray, hr: np.ndarray | None) -> dict[str, float | None]:
+        from upsr.metrics import NIQE_MIN_SIDE, full_reference_metrics, lr_consistency, niqe
+
+        lr_t, sr_t = to_tensor(lr, self.device), to_tensor(sr, self.device)
+        scores: dict[str, float | None] = {"lr_consistency": float(lr_consistency(sr_t, lr_t, self.metrics_config))}
+        if self.settings["niqe"] and min(sr.shape[:2]) >= NIQE_MIN_SIDE:
+            value = float(niqe(sr_t, self.metrics_config))
+            scores["niqe"] = value if math.isfinite(value) else None
+        if hr is not None:
+            full = full_reference_metrics(sr_t, to_tensor(hr, self.device), self.metrics_config, self.lpips)
+            scores |= {name: float(value) for name, value in full.items()}
+        return scores
+
+
+def to_tensor(image: np.ndarray, device):
+    import torch
+
+    # A copy: decoded images can be read-only views, which torch will not wrap.
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).to(device)
+
+
+def side_by_side(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray | None, scale: int) -> bytes:
+    """PNG of LR bicubic | SR | HR (or LR bicubic | SR), the centre PANEL_SIDE square of large images."""
+    import torch
+
+    from pipelines.images import encode_png
+    from upsr.aux_net import bicubic_upsample
+
+    with torch.no_grad():
+        bicubic = bicubic_upsample(to_tensor(lr, "cpu"), scale).clamp(0, 1)
+    columns = [(bicubic[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), sr]
+    if hr is not None:
+        columns.append(hr)
+    height, width = sr.shape[:2]
+    top, left = max(0, (height - PANEL_SIDE) // 2), max(0, (width - PANEL_SIDE) // 2)
+    crops = [column[top:top + PANEL_SIDE, left:left + PANEL_SIDE] for column in columns]
+    return encode_png(np.concatenate(crops, axis=1), 1)
+
+
+def table_content_hash(table: pa.Table) -> str:
+    """The eval-set content hash (``pipelines.eval_set``) of the images a result table covers."""
+    return content_hash(zip(*(table[name].to_pylist() for name in ("id", "lr_sha256", "hr_sha256"))))
+
+
+def completeness_problems(table: pa.Table, expected_ids: tuple[str, ...]) -> list[str]:
+    """Why the results are not a full evaluation of the eval set (empty when they are)."""
+    ids = table["id"].to_pylist()
+    problems = []
+    missing = sorted(set(expected_ids) - set(ids))
+    if missing:
+        problems.append(f"{len(missing)} image(s) have no result: {', '.join(missing[:5])}")
+    if len(ids) != len(set(ids)) or set(ids) - set(expected_ids):
+        problems.append(f"{len(ids)} results for {len(expected_ids)} images (duplicates or unknown ids)")
+    failed = [(row["id"], row["error"]) for row in table.select(["id", "error"]).to_pylist() if row["error"]]
+    if failed:
+        problems.append(f"{len(failed)} image(s) failed: " + "; ".join(f"{i}: {e}" for i, e in failed[:5]))
+    return problems
+
+
+def aggregates(table: pa.Table) -> dict[str, dict[str, float | int | bool]]:
+    """mean, std (sample), median and count of each metric over the images that have it."""
+    summary = {}
+    for name, higher_is_better in METRICS.items():
+        values = np.array([v for v in table[name].to_pylist() if v is not None], dtype=np.float64)
+        if values.size:
+            summary[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                             "median": float(np.median(values)), "count": int(values.size),
+                             "higher_is_better": higher_is_better}
+    return summary
+
+
+def model_summary(model: registry.ModelRef) -> dict[str, Any]:
+    return {"uri": model.uri, "loaded": model.load_uri, "name": model.name, "version": model.version}
+
+
+def build_summary(table: pa.Table, model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,
+                  settings: str, set_hash: str | None, problems: list[str], out_uri: str, run_id: str,
+                  seconds: float) -> dict[str, Any]:
+    computed = aggregates(table)
+    images = len(eval_set.ids)
+    not_computed: dict[str, str] = {}
+    if not eval_set.has_reference:
+        not_computed |= {name: "needs an HR reference; the eval set has LR images only" for name in FULL_REFERENCE}
+    elif lpips.mode == "off":
+        not_computed["lpips"] = lpips.description
+    if not config.evaluate.niqe:
+        not_computed["niqe"] = "evaluate.niqe is false"
+    elif computed.get("niqe", {}).get("count", 0) < images:
+        not_computed["niqe"] = (f"{images - computed.get('niqe', {}).get('count', 0)} of {images} images have none: "
+                                "NIQE needs SR images of at least 192x192 and is undefined for flat images")
+    not_computed |= UNAVAILABLE_NO_REFERENCE
+    upscale_seconds = [s for s in table["seconds"].to_pylist() if s is not None]
+    return {
+        "complete": not problems,
+        "problems": problems,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_summary(model),
+        "eval_set": {"uri": eval_set.uri, "layout": eval_set.layout, "images": images,
+                     "with_reference": eval_set.has_reference, "hash": set_hash},
+        "metrics": computed,
+        "not_computed": not_computed,
+        "lpips": lpips.description if lpips.mode != "off" and eval_set.has_reference else None,
+        "settings": {"seed": config.inference.seed, "metrics": to_dict(config.metrics),
+                     "metrics_version": METRICS_VERSION, "hash": settings,
+                     "per_image_seed": "derive_seed(inference.seed, 'evaluate', id)"},
+        "failed_images": sum(1 for error in table["error"].to_pylist() if error),
+        "seconds": {"total": seconds, "upscale_mean": float(np.mean(upscale_seconds)) if upscale_seconds else None},
+        "table": out_uri,
+        "mlflow_run_id": run_id,
+    }
+
+
+def write_outputs(table: pa.Table, summary: dict[str, Any], out_uri: str, config: Config) -> None:
+    """The table, then the summary; each appears whole or not at all (storage.write_bytes)."""
+    for uri, data in ((out_uri, table_bytes(table)), (summary_uri(out_uri), json.dumps(summary, indent=2).encode())):
+        parent, name = uri.rsplit("/", 1) if storage.is_s3(uri) else (str(Path(uri).parent), Path(uri).name)
+        storage.write_bytes(storage.resolve(parent, config.storage.s3_endpoint, config.storage.s3_region), name, data)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def log_results(mlflow_client, run_id: str, model: registry.ModelRef, eval_set: EvalSet, table: pa.Table,
+                summary: dict[str, Any], panels: dict[str, bytes]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    now = int(time.time() * 1000)
+    values = {"images": summary["eval_set"]["images"], "failed_images": summary["failed_images"]}
+    for name, stats in summary["metrics"].items():
+        values |= {f"{name}_{stat}": stats[stat] for stat in ("mean", "std", "median", "count")}
+    if summary["seconds"]["upscale_mean"] is not None:
+        values["seconds_per_image"] = summary["seconds"]["upscale_mean"]
+    set_hash = summary["eval_set"]["hash"]
+    dataset = None
+    if set_hash:
+        # MLflow stores at most 36 characters of a dataset digest.
+        dataset = Dataset(name=Path(eval_set.uri.rstrip("/")).name or "eval", digest=set_hash[:36],
+                          source_type="s3" if storage.is_s3(eval_set.uri) else "local",
+                          source=json.dumps({"uri": eval_set.location.uri}))
+        context = InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")
+        mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset, [context])])
+    # Linked to the registered version's logged model (MLflow 3), the aggregates show on its page.
+    mlflow_client.log_batch(run_id, metrics=[
+        Metric(key, float(value), now, 0, model_id=model.model_id,
+               dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None)
+        for key, value in values.items()])
+    with tempfile.TemporaryDirectory(prefix="upsr-eval-") as folder:
+        root = Path(folder)
+        (root / "evaluation").mkdir()
+        (root / registry.TABLE_ARTIFACT).write_bytes(table_bytes(table))
+        (root / registry.SUMMARY_ARTIFACT).write_text(json.dumps(summary, indent=2))
+        if panels:
+            (root / "side_by_side").mkdir()
+            for image_id, png in panels.items():
+                (root / "side_by_side" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.png").write_bytes(png)
+        mlflow_client.log_artifacts(run_id, folder)
+    tags = {registry.TAG_COMPLETE: str(summary["complete"]).lower(),
+            registry.EVAL_TAG + "images": str(summary["eval_set"]["images"]),
+            registry.EVAL_TAG + "failed_images": str(summary["failed_images"])}
+    if set_hash:
+        tags[registry.TAG_SET_HASH] = set_hash
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, value)
+
+
+def report(summary: dict[str, Any], problems: list[str], out_uri: str) -> None:
+    lines = [f"  {name:15s} mean {s['mean']:.4f}  std {s['std']:.4f}  median {s['median']:.4f}  (n={s['count']}, "
+             f"{'higher' if s['higher_is_better'] else 'lower'} is better)"
+             for name, s in summary["metrics"].items()]
+    lines += [f"  not computed: {name}: {why}" for name, why in summary["not_computed"].items()]
+    if summary["lpips"] and "lpips" in summary["metrics"]:
+        lines.append(f"  lpips computed with: {summary['lpips']}")
+    log.info("evaluation of %s on %s (%d images, eval-set hash %s):\n%s\n  table: %s\n  summary: %s\n"
+             "  MLflow run: %s", summary["model"]["loaded"], summary["eval_set"]["uri"], summary["eval_set"]["images"],
+             summary["eval_set"]["hash"] or "none (incomplete)", "\n".join(lines), out_uri, summary_uri(out_uri),
+             summary["mlflow_run_id"])
+    for problem in problems:
+        log.error("evaluation incomplete: %s", problem)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.modules[__name__]))
