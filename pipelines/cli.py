@@ -18,6 +18,9 @@ JOBS = {
     "upscale": ("upscale", "upscale images x4 with a trained UPSR checkpoint"),
     "train-aux": ("train_aux", "train the auxiliary SR net on a synthesised dataset (Ray Train, MLflow)"),
     "train": ("train", "train UPSR with a frozen aux net on a synthesised dataset (Ray Train, MLflow registry)"),
+    "tune": ("tune", "search UPSR's noise weighting and other config keys (Ray Tune over Ray Train, MLflow)"),
+    "evaluate": ("evaluate", "batch-evaluate a model on an eval set (Ray Data), per-image metrics to Parquet and MLflow"),
+    "promote": ("promote", "move the registry's champion alias to a candidate that beats it on the eval set"),
 }
 
 log = logging.getLogger("upsr")

@@ -22,6 +22,7 @@ from upsr.config import (
     MetricsConfig,
     NoiseWeightConfig,
 )
+from tune.config import TuneConfig
 from upsr.typed_config import load_config, to_dict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -200,6 +201,58 @@ class MlflowConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """``upsr evaluate``: batch inference over an eval set in a Ray Data actor pool."""
+
+    # Images per actor call; each image is still sampled with its own seed, so results do not
+    # depend on how images are batched.
+    batch_size: int = 4
+    # Model replicas (actors), each loading the model once.
+    num_actors: int = 1
+    actor_cpus: float = 1.0
+    # GPUs per actor; None: 1 when the Ray cluster has GPUs when the job starts, else 0 (CPU).
+    actor_gpus: float | None = None
+    # Side-by-side images (LR bicubic | SR | HR) logged to MLflow: the first ones by id.
+    side_by_side: int = 4
+    # NIQE (no reference) on SR images of at least 192x192: numpy on the actor's CPU, about
+    # 0.05 s for 256x256 and a few seconds for a 2K image.
+    niqe: bool = True
+    # Folder or s3:// prefix of the evaluations that get no --out (all of promote's): each in
+    # <output_dir>/<time>-<model>/metrics.parquet. MLflow keeps a copy of every table anyway.
+    output_dir: str = "runs/evaluations"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.actor_cpus < 0 or (self.actor_gpus or 0) < 0 or self.side_by_side < 0:
+            raise ValueError("actor_cpus, actor_gpus and side_by_side must be >= 0")
+
+
+@dataclass
+class PromoteConfig:
+    """``upsr promote``: when a candidate replaces the champion."""
+
+    # The per-image metric compared (psnr, ssim: higher is better; lpips: lower is better).
+    primary_metric: Literal["psnr", "ssim", "lpips"] = "psnr"
+    # The candidate must beat the champion by more than this (in the metric's units) on the
+    # mean per-image difference, and the bootstrap interval must exclude zero.
+    margin: float = 0.0
+    bootstrap_samples: int = 10_000
+    confidence: float = 0.95
+    seed: int = 0
+    champion_alias: str = "champion"
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.bootstrap_samples < 100:
+            raise ValueError(f"bootstrap_samples must be >= 100, got {self.bootstrap_samples}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+
+
+@dataclass
 class Config:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -216,6 +269,9 @@ class Config:
     aux_train: AuxTrainConfig = field(default_factory=AuxTrainConfig)
     train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def __post_init__(self) -> None:
         if self.degradation.device == "cuda" and self.synth.actor_gpus <= 0:

@@ -16,9 +16,11 @@ downloads the registered checkpoint folder.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -94,13 +96,17 @@ def git_commit() -> str | None:
 
 
 def start_run(settings: MlflowConfig, run_name: str, config: Any, job: str, manifest: dict[str, Any],
-              manifest_hash: str, config_yaml: str) -> str:
-    """Open an MLflow run with params, tags and the config and manifest artifacts; returns its id."""
+              manifest_hash: str, config_yaml: str, extra_tags: dict[str, str] | None = None) -> str:
+    """Open an MLflow run with params, tags and the config and manifest artifacts; returns its id.
+
+    ``extra_tags`` are the caller's (``mlflow.parentRunId`` makes the run a child of a search's run).
+    """
     import ray
 
     experiment_id = connect(settings)
     tags = {"job": job, "ray_run_name": run_name, "ray_version": ray.__version__,
-            "dataset_manifest_sha256": manifest_hash, "upsr_ray_version": metadata.version("upsr-ray")}
+            "dataset_manifest_sha256": manifest_hash, "upsr_ray_version": metadata.version("upsr-ray"),
+            **(extra_tags or {})}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -185,7 +191,9 @@ def download_registered_checkpoint(uri: str) -> Path:
     Uses the tracking URI of this process (``mlflow.set_tracking_uri`` or MLFLOW_TRACKING_URI).
     """
     # A fresh folder each time: an alias moves between versions, so a cache keyed on it would go stale.
+    # It is removed when the process exits (the loaded weights live in memory by then).
     target = tempfile.mkdtemp(prefix="upsr-model-")
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
     flavor = mlflow.models.Model.load(str(downloaded)).flavors.get("python_function", {})
     relative = flavor.get("artifacts", {}).get(CHECKPOINT_ARTIFACT, {}).get("path")

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -186,6 +186,9 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
     global_batch = settings.batch_size * world_size
     window = _Window()
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Rank 0's latest validation metrics ride along in every report, so that a Ray Tune
+    # scheduler watching the run (TuneReportCallback forwards rank 0's metrics) can rank it.
+    latest_validation: dict[str, float] = {}
     while state.step < settings.steps:
         batches = iter_batches(shard, settings.batch_size, config.train_data, device, shuffle=True)
         epoch_steps = 0
@@ -250,9 +253,11 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
                         val_batches = list(itertools.islice(iter_batches(
                             val_shard, settings.batch_size, config.train_data, device, shuffle=False),
                             settings.val_batches))
-                    logger.metrics(task.validate(ema.module, iter(val_batches), step, logger), step)
+                    latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
+                    logger.metrics(latest_validation, step)
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config"])
+                report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config"],
+                       latest_validation)
                 if settings.debug.pid_dir:
                     Path(settings.debug.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
         if epoch_steps == 0:
@@ -260,10 +265,10 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
 
 
 def report(rank: int, step: int, state: LoopState, model: nn.Module, ema: AveragedModel, optimizer, scheduler,
-           scaler, task: Task, config_yaml: str) -> None:
+           scaler, task: Task, config_yaml: str, validation: dict[str, float]) -> None:
     import ray.train
 
-    metrics = {"step": step, "nonfinite_steps": state.nonfinite_steps}
+    metrics = {"step": step, "nonfinite_steps": state.nonfinite_steps, **validation}
     name = f"checkpoint_{step:08d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
@@ -334,8 +339,14 @@ def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, s
 
 
 def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, config: Config, data_uri: str,
-        run_name: str, extra_loop_config: dict[str, Any] | None = None) -> FitResult:
-    """Open the data and the MLflow run, train, and return the last checkpoint."""
+        run_name: str, extra_loop_config: dict[str, Any] | None = None, callbacks: Sequence[Any] = (),
+        run_tags: dict[str, str] | None = None, data: TrainingData | None = None) -> FitResult:
+    """Open the data and the MLflow run, train, and return the last checkpoint.
+
+    ``callbacks`` go to Ray Train's RunConfig (``upsr tune`` passes its TuneReportCallback);
+    ``run_tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under a search);
+    ``data`` is ``data_uri`` already opened (a search opens and splits it once for all trials).
+    """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -351,7 +362,8 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
                                                                               or os.environ.get("RAY_ADDRESS")):
         raise UserError(f"{job}: use_gpu is true but this local Ray instance has no GPU; "
                         f"set --set {'train' if job == 'train' else 'aux_train'}.use_gpu=false")
-    data = open_training_data(data_uri, config.train_data, config.storage)
+    if data is None:
+        data = open_training_data(data_uri, config.train_data, config.storage)
     global_batch = settings.batch_size * settings.num_workers
     train_rows = data.train_rows
     if train_rows < global_batch:
@@ -360,7 +372,7 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
     run_id = tracking.start_run(config.mlflow, run_name, config, job, data.dataset.manifest,
-                                data.dataset.manifest_hash, config_yaml)
+                                data.dataset.manifest_hash, config_yaml, run_tags)
     tracking.log_run_facts(config.mlflow, run_id, {
         "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
         "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
@@ -376,7 +388,8 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
+                             callbacks=list(callbacks)),
         datasets=data.datasets,
         # Validation runs on rank 0 over the whole val split: only the train split is sharded.
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -1,0 +1,269 @@
+"""A search's trials grouped by variant (e.g. the ablation's arms), from its MLflow runs:
+a Markdown table of mean ± std of PSNR, SSIM and LPIPS per variant, the scale of the
+experiment, honest notes, and a bar plot PNG beside the Markdown file.
+
+Everything comes from MLflow: the search's run (its resolved config, dataset manifest and
+machine tags) and its child runs (final validation metrics, params, configs), so the report
+can be regenerated at any time:
+
+    python -m tune.report --parent-run RUN_ID --out docs/ablation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.cli import UserError, run_job
+from pipelines.config import Config, MlflowConfig
+from upsr.typed_config import from_dict
+
+log = logging.getLogger(__name__)
+
+# Metric, column title, format, whether higher is better.
+METRICS = (("val_psnr", "PSNR (dB)", "{:.2f}", True), ("val_ssim", "SSIM", "{:.4f}", True),
+           ("val_lpips", "LPIPS", "{:.4f}", False))
+CONFIG_ARTIFACT = "config/resolved.yaml"
+
+
+@dataclass
+class Group:
+    name: str
+    overrides: dict[str, Any]
+    runs: list[Any]
+    parameters: int | None
+
+    def values(self, metric: str) -> list[float]:
+        return [run.data.metrics[metric] for run in self.runs if metric in run.data.metrics]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.synth import add_config_arguments
+
+    parser.add_argument("--parent-run", required=True, help="MLflow run id of the search (`upsr tune` logs it)")
+    parser.add_argument("--out", required=True, help="Markdown file to write; the plot goes beside it (.png)")
+    parser.add_argument("--group-by", help="variant set to group trials by (default: the search's only one)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import config as config_module
+
+    config = config_module.load(args.config, args.set)
+    write_report(config.mlflow, args.parent_run, args.out, args.group_by)
+    return 0
+
+
+def write_report(settings: MlflowConfig, parent_run_id: str, out: str | Path, group_by: str | None = None) -> Path:
+    """Write the report and its plot, log both to the search's run, return the Markdown path."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from tune.search import COMPLETED, OUTCOME_TAG
+    from tune.trial import VARIANT_TAG_PREFIX
+
+    experiment_id = tracking.connect(settings)
+    client = MlflowClient()
+    try:
+        parent = client.get_run(parent_run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise UserError(f"--parent-run {parent_run_id}: {error}") from None
+    base = run_config(parent_run_id)
+    group_by = choose_group(base, group_by)
+    children = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    current = [run for run in children if run.data.tags.get(OUTCOME_TAG) != "superseded"]
+    completed = [run for run in current if run.data.tags.get(OUTCOME_TAG) == COMPLETED]
+    groups = []
+    for name, overrides in base.tune.variants[group_by].options.items():
+        runs = [run for run in completed if run.data.tags.get(f"{VARIANT_TAG_PREFIX}{group_by}") == name]
+        groups.append(Group(name, overrides, runs, denoiser_parameters(runs)))
+    out = Path(out)
+    plot = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw(groups, plot, parent.data.tags.get("ray_run_name", parent_run_id))
+    out.write_text(markdown(parent, base, group_by, groups, current, completed, plot.name))
+    client.log_artifact(parent_run_id, str(out), "report")
+    client.log_artifact(parent_run_id, str(plot), "report")
+    log.info("report of search %s: %s and %s", parent_run_id, out, plot)
+    return out
+
+
+def run_config(run_id: str) -> Config:
+    import mlflow
+
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
+    return from_dict(Config, yaml.safe_load(text), source=f"run {run_id} {CONFIG_ARTIFACT}")
+
+
+def choose_group(base: Config, group_by: str | None) -> str:
+    sets = list(base.tune.variants)
+    if group_by is None:
+        if len(sets) != 1:
+            raise UserError(f"the search has {len(sets)} variant sets ({', '.join(sets) or 'none'}): "
+                            "name one with --group-by" if sets else "the search has no variant set to group by")
+        return sets[0]
+    if group_by not in sets:
+        raise UserError(f"--group-by {group_by}: the search's variant sets are {', '.join(sets) or 'none'}")
+    return group_by
+
+
+def denoiser_parameters(runs: list[Any]) -> int | None:
+    """Parameters of the group's denoiser (the SR condition adds input channels), from a run's config."""
+    if not runs:
+        return None
+    from upsr.denoiser import build_denoiser, count_parameters
+
+    return count_parameters(build_denoiser(run_config(runs[0].info.run_id).denoiser))
+
+
+def mean_std(values: list[float], text: str) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{text.format(values[0])} (n = 1)"
+    return f"{text.format(statistics.mean(values))} ± {text.format(statistics.stdev(values))}"
+
+
+def markdown(parent, base: Config, group_by: str, groups: list[Group], current: list[Any], completed: list[Any],
+             plot_name: str) -> str:
+    from tune.search import LPIPS_BACKBONE_TAG, OUTCOME_TAG
+    from tune.trial import TRIAL_TAG, VARIANT_TAG_PREFIX
+
+    tags, params = parent.data.tags, parent.data.params
+    search_name = tags.get("ray_run_name", parent.info.run_id)
+    manifest = parent_manifest(parent.info.run_id)
+    example = completed[0].data.params if completed else {}
+    train, denoiser = base.train, base.denoiser
+    arrows = {True: "↑", False: "↓"}
+    lines = [
+        f"<!-- Generated by tune/report.py from MLflow run {parent.info.run_id}; do not edit by hand:",
+        f"     python -m tune.report --parent-run {parent.info.run_id} --out <this file> -->",
+        f"# Ablation: {group_by} (search `{search_name}`)",
+        "",
+        f"Trials of the `upsr tune` search `{search_name}` (MLflow run `{parent.info.run_id}`, "
+        f"{started(parent)}), grouped by `{group_by}`. Each cell is the mean ± sample standard deviation, over "
+        f"the group's completed trials, of the validation score at the last step. "
+        f"Arrows: {arrows[True]} higher is better, {arrows[False]} lower is better.",
+        "",
+        f"| {group_by} | sets | trials | denoiser parameters | "
+        + " | ".join(f"{title} {arrows[higher]}" for _, title, _, higher in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for group in groups:
+        sets = ", ".join(f"`{key}={json.dumps(value)}`" for key, value in group.overrides.items()) or "base config"
+        cells = [mean_std(group.values(metric), text) for metric, _, text, _ in METRICS]
+        parameters = f"{group.parameters:,}" if group.parameters is not None else "—"
+        lines.append(f"| {group.name} | {sets} | {len(group.runs)} | {parameters} | " + " | ".join(cells) + " |")
+    searched = ", ".join(f"`{key}`" for key in base.tune.search_space) or "none"
+    counts = manifest.get("counts", {})
+    synth = manifest.get("config", {}).get("synth", {})
+    lines += [
+        "",
+        f"![{group_by}: each group's mean minus {groups[0].name}'s, std whiskers, trials as dots]({plot_name})",
+        "",
+        "## Scale",
+        "",
+        f"- Training: {train.steps} steps per trial, global batch {example.get('global_batch_size', '?')} "
+        f"({train.num_workers} worker(s) x {train.batch_size}), AdamW lr {train.lr:g}, warm-up {train.warmup_steps}, "
+        f"EMA {train.ema_decay}; loss MSE + {base.loss.lpips_weight:g} x LPIPS. Also searched: {searched}.",
+        f"- Data: {counts.get('rows', '?')} crops of {synth.get('crop_size', '?')}² from "
+        f"{counts.get('files_processed', '?')} photographs, split by photograph: "
+        f"{example.get('train_sources', '?')} for training ({example.get('train_rows', '?')} crops), "
+        f"{example.get('val_sources', '?')} held out. Validation: the first {train.val_batches} batch(es) of "
+        f"{train.batch_size} held-out crops, {base.inference.sampler.upper()} with {base.diffusion.steps} steps "
+        "from a fixed seed.",
+        f"- Denoiser: Swin-UNet, model_channels {denoiser.model_channels}, channel_mult {list(denoiser.channel_mult)}, "
+        f"{denoiser.num_res_blocks} res-block(s) per level, Swin dim {denoiser.swin_dim} x {denoiser.swin_heads} heads "
+        f"(paper: 160, [1, 2, 2, 4], 2, 192 x 6; ~119M parameters). Aux net g: {base.aux.arch} "
+        f"({json.dumps(base.aux.options)}), frozen, weights "
+        f"`{Path(base.aux.weights).name if base.aux.weights else 'random'}`.",
+        f"- Machine: {tags.get('machine', '?')}; Ray cluster {tags.get('ray_cluster', '?')}; "
+        f"{params.get('max_concurrent_trials_resolved', '?')} trial(s) at once; search wall time {wall_time(parent)}.",
+        "",
+        "## Notes",
+        "",
+    ]
+    weights = tags.get("lpips_vgg16_weights", "?")
+    if tags.get(LPIPS_BACKBONE_TAG) == "pretrained":
+        lines.append(f"- LPIPS uses torchvision's pretrained VGG16 weights ({weights}).")
+    else:
+        lines.append(f"- **LPIPS here is not the paper's metric**: there were no VGG16 weights at {weights} (none "
+                     "can be downloaded on an offline machine), so its VGG16 trunk is randomly initialised. Read "
+                     "the LPIPS column as a distance between random deep features, not as perceptual quality.")
+    lines += [
+        f"- Scale: {train.steps} steps on {counts.get('rows', '?')} crops against the paper's 200k steps on "
+        "ImageNet. Differences between groups at this scale show what the code does, not whether the paper's "
+        "ranking reproduces; compare them with the spread across seeds before reading anything into them.",
+        f"- All groups share the data, the steps, the aux net and the validation images; only the keys in "
+        f"the `sets` column differ (and, within a group, `train.seed`).",
+    ]
+    excluded = [run for run in current if run not in completed]
+    if excluded:
+        listed = ", ".join(f"{run.data.tags.get(TRIAL_TAG, run.info.run_id)} "
+                           f"({run.data.tags.get(f'{VARIANT_TAG_PREFIX}{group_by}', '?')}: "
+                           f"{run.data.tags.get(OUTCOME_TAG, run.info.status.lower())})" for run in excluded)
+        lines.append(f"- Left out (not completed): {listed}.")
+    else:
+        lines.append("- Every trial of the search completed.")
+    return "\n".join(lines) + "\n"
+
+
+def parent_manifest(run_id: str) -> dict[str, Any]:
+    import mlflow
+
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/dataset/_manifest.json"))
+
+
+def started(run) -> str:
+    return datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def wall_time(run) -> str:
+    if not run.info.end_time:
+        return "unknown (the search has not ended)"
+    minutes = (run.info.end_time - run.info.start_time) / 60_000
+    return f"{minutes:.1f} min"
+
+
+def draw(groups: list[Group], path: Path, title: str) -> None:
+    """One panel per metric: each group's mean minus the first group's (bars from zero, so their
+    lengths compare honestly), whiskers of one standard deviation, and the trials as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * len(METRICS), 3.6))
+    positions = list(range(len(groups)))
+    reference = groups[0]
+    for index, (metric, label, _, higher) in enumerate(METRICS):
+        axes = figure.add_subplot(1, len(METRICS), index + 1)
+        origin = statistics.mean(reference.values(metric)) if reference.values(metric) else 0.0
+        deltas = [statistics.mean(g.values(metric)) - origin if g.values(metric) else 0.0 for g in groups]
+        spreads = [statistics.stdev(g.values(metric)) if len(g.values(metric)) > 1 else 0.0 for g in groups]
+        axes.bar(positions, deltas, yerr=spreads, capsize=4, color="#9ab", edgecolor="#345")
+        for position, group in zip(positions, groups):
+            values = [value - origin for value in group.values(metric)]
+            axes.plot([position] * len(values), values, "o", color="#222", markersize=3)
+        axes.axhline(0, color="#345", linewidth=0.8)
+        axes.set_xticks(positions, [g.name for g in groups], rotation=20)
+        axes.set_title(f"{label} minus {reference.name}'s {origin:.4g}\n({'higher' if higher else 'lower'} is better)",
+                       fontsize=9)
+    figure.suptitle(f"search {title}: mean and std per group, dots are trials", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.modules[__name__]))
