@@ -1,6 +1,6 @@
 """Drawing a degradation: every random choice of the second-order pipeline in one plain record.
 
-``sample(seed, config)`` returns a JSON-serialisable dict; ``degradations.apply`` performs it.
+``sample(seed, config)`` returns a JSON-serialisable dict; ``degradations.degrader.apply`` performs it.
 Keeping the two apart is what makes a dataset auditable: a Parquet row stores its record, and
 the LR image can be re-generated from the HR image and the record alone.
 

@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, Datasink
 
-from degradations import Degrader, sample
-from degradations.config import DegradationConfig
+from degradations import DegradationConfig, sample
 from pipelines import config as config_module
 from pipelines import storage
 from pipelines.cli import UserError, run_job
@@ -187,6 +186,9 @@ class SynthesizeFiles:
 
     def __init__(self, source: storage.Location, settings: dict[str, Any], degradation: dict[str, Any]):
         import cv2
+
+        # Imported here, not at the top: the write tasks unpickle this module and need no torch.
+        from degradations import Degrader
 
         cv2.setNumThreads(1)  # one CPU per actor: parallelism comes from the pool
         self.source = source

@@ -12,7 +12,7 @@ import torch
 import basicsr_compat  # noqa: F401
 from basicsr.data.degradations import add_poisson_noise_pt
 from degradations import DegradationConfig, Degrader, apply, build_kernel, sample
-from degradations.apply import poisson_noise
+from degradations.degrader import poisson_noise
 from tests.support import photo
 
 PRIMITIVES = ["opencv", "basicsr"]

@@ -245,10 +245,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
     client = MlflowClient()
     assert losses(client, result.run_id, "resumed_from_step") == [(checkpoint_step, checkpoint_step)]
     steps = [step for step, _ in losses(client, result.run_id)]
-    assert steps[-1] == 15
-    # Steps the killed attempt logged after the checkpoint are logged again from checkpoint_step + 1.
-    restarts = [later for earlier, later in zip(steps, steps[1:]) if later <= earlier]
-    assert restarts in ([], [checkpoint_step + 1]), steps
+    assert sorted(set(steps)) == list(range(1, 16)), steps
+    # The killed attempt may have logged a few steps past the checkpoint before the controller
+    # registered it; the resumed attempt logs those again, once, from checkpoint_step + 1 on.
+    repeated = sorted(step for step in set(steps) if steps.count(step) > 1)
+    assert repeated == list(range(checkpoint_step + 1, checkpoint_step + 1 + len(repeated))), steps
+    assert all(steps.count(step) <= 2 for step in repeated), steps
     assert int((pid_dir / "rank1.pid").read_text()) != pid
 
 
