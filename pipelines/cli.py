@@ -40,7 +40,8 @@ def build_parser(job: str | None) -> argparse.ArgumentParser:
 
 def run_job(module, argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipelines.<job>``."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__)
+    # Run with -m, the module is named __main__; its spec keeps the dotted name.
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__spec__.name}", description=module.__doc__)
     module.add_arguments(parser)
     return _execute(module.run, parser.parse_args(argv))
 

@@ -27,6 +27,7 @@ import torch
 import upsr
 from degradations import Degrader, sample
 from pipelines import config as config_module
+from pipelines import storage
 from pipelines import tracking
 from pipelines.cli import run_job
 from pipelines.dataset import open_dataset
@@ -76,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
     showcase = showcase_pair(photos / held_out, config.degradation)
     panel, metrics = side_by_side(pipeline, *showcase, build_lpips(config.loss.lpips_backbone,
                                                                    config.loss.allow_random_backbone))
-    (workdir / "side_by_side.png").write_bytes(encode_png(panel, 1))
-    (workdir / "side_by_side.json").write_text(json.dumps({"photo": held_out, "metrics": metrics}, indent=2))
+    results = storage.resolve(str(workdir))
+    storage.write_bytes(results, "side_by_side.png", encode_png(panel, 1))
+    storage.write_bytes(results, "side_by_side.json",
+                        json.dumps({"photo": held_out, "metrics": metrics}, indent=2).encode())
 
     counts = manifest["counts"]
     summary = "\n".join(f"    {column:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())

@@ -111,7 +111,7 @@ def content_hash(digests: Iterable[tuple[str, str, str | None]]) -> str:
 
 def open_eval_set(uri: str, settings: StorageConfig = StorageConfig()) -> EvalSet:
     """List the eval set at ``uri`` and tell its layout; UserError when it is none of the three."""
-    location = storage.resolve(uri, settings.s3_endpoint, settings.s3_region)
+    location = storage.locate(uri, settings)
     if storage.exists(location, MANIFEST):
         return _open_dataset(uri, location, settings)
     files = storage.list_files(location)

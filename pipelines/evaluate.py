@@ -469,7 +469,7 @@ def write_outputs(table: pa.Table, summary: dict[str, Any], out_uri: str, config
     """The table, then the summary; each appears whole or not at all (storage.write_bytes)."""
     for uri, data in ((out_uri, table_bytes(table)), (summary_uri(out_uri), json.dumps(summary, indent=2).encode())):
         parent, name = uri.rsplit("/", 1) if storage.is_s3(uri) else (str(Path(uri).parent), Path(uri).name)
-        storage.write_bytes(storage.resolve(parent, config.storage.s3_endpoint, config.storage.s3_region), name, data)
+        storage.write_bytes(storage.locate(parent, config.storage), name, data)
 
 
 def table_bytes(table: pa.Table) -> bytes:

@@ -13,8 +13,12 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from pipelines.config import StorageConfig
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ def resolve(uri: str, endpoint: str | None = None, region: str | None = None) ->
         return Location(s3_filesystem(endpoint, region), path, uri.rstrip("/"))
     path = str(Path(uri).expanduser().resolve())
     return Location(pafs.LocalFileSystem(), path, path)
+
+
+def locate(uri: str, settings: StorageConfig) -> Location:
+    """``resolve`` with the endpoint and region of the config's ``storage`` section."""
+    return resolve(uri, settings.s3_endpoint, settings.s3_region)
 
 
 def exists(location: Location, *parts: str) -> bool:

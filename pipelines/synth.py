@@ -80,19 +80,17 @@ def sample_photos() -> dict[str, Any]:
 
 def export_sample_photos(folder: Path) -> Path:
     """Write the sample photographs as PNG files (once) and return the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
+    location = storage.resolve(str(folder))
     for name, load in sample_photos().items():
-        target = folder / f"{name}.png"
-        if not target.exists():
-            storage.write_bytes(storage.resolve(str(folder)), target.name, encode_png(load(), 3))
+        if not storage.exists(location, f"{name}.png"):
+            storage.write_bytes(location, f"{name}.png", encode_png(load(), 3))
     return folder
 
 
 def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run the synthesis job; returns the manifest it wrote."""
-    storage_config = config.storage
-    source = storage.resolve(source_uri, storage_config.s3_endpoint, storage_config.s3_region)
-    output = storage.resolve(output_uri, storage_config.s3_endpoint, storage_config.s3_region)
+    source = storage.locate(source_uri, config.storage)
+    output = storage.locate(output_uri, config.storage)
     if storage.list_files(output):
         if not overwrite:
             raise UserError(f"{output_uri} already holds files; pass --overwrite to replace the dataset")

@@ -86,13 +86,21 @@ def loggable_params(config: Any) -> dict[str, str]:
     return params
 
 
-def git_commit() -> str | None:
+def git_commit(code_folder: Path = Path(__file__).resolve().parent) -> str | None:
+    """HEAD of the git checkout the code runs from; else ``UPSR_GIT_COMMIT`` from the environment.
+
+    A job submitted with ``ray job submit --working-dir .`` runs an uploaded copy without
+    ``.git``, as does an installed package: the submitter passes the commit in the job's
+    runtime environment (docs/cluster.md).
+    """
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent)
+                                cwd=code_folder)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+        result = None
+    if result is not None and result.returncode == 0 and result.stdout.strip():
+        return result.stdout.strip()
+    return os.environ.get("UPSR_GIT_COMMIT") or None
 
 
 def start_run(settings: MlflowConfig, run_name: str, config: Any, job: str, manifest: dict[str, Any],
@@ -163,7 +171,8 @@ class UPSRModel(mlflow.pyfunc.PythonModel):
 
         self.pipeline = upsr.load(context.artifacts[CHECKPOINT_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray is a hint MLflow accepts without inferring a schema from it: image sizes vary.
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         return self.pipeline.upscale(model_input)
 
 

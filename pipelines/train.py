@@ -63,7 +63,7 @@ def resolve_aux(aux_uri: str, config: Config) -> tuple[Config, str]:
     A train-aux folder carries its architecture; it must match the configured one, since the
     config is what the logged model and the registry record.
     """
-    location = storage.resolve(aux_uri, config.storage.s3_endpoint, config.storage.s3_region)
+    location = storage.locate(aux_uri, config.storage)
     if not storage.exists(location, AUX_WEIGHTS_FILE):
         if not storage.exists(location):
             raise UserError(f"--aux {aux_uri}: no such file or folder")
@@ -89,7 +89,7 @@ def local_weights(uri: str, config: Config) -> Path:
     """A local path of the aux weights: the file itself, or a download of an s3:// one."""
     if not storage.is_s3(uri):
         return Path(uri)
-    location = storage.resolve(uri, config.storage.s3_endpoint, config.storage.s3_region)
+    location = storage.locate(uri, config.storage)
     suffix = Path(location.path).suffix
     with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as handle:
         handle.write(storage.read_bytes(location, location.path))

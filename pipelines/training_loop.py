@@ -332,7 +332,7 @@ def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, s
     """(storage_path for RunConfig, its filesystem or None, the URI users see)."""
     uri = settings.storage_path or str(Path("runs/ray_results").resolve())
     if storage.is_s3(uri):
-        location = storage.resolve(uri, config.storage.s3_endpoint, config.storage.s3_region)
+        location = storage.locate(uri, config.storage)
         return location.path, location.fs, location.uri
     path = str(Path(uri).expanduser().resolve())
     return path, None, path

@@ -81,3 +81,11 @@ def encode(image: np.ndarray, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def write_photos(folder: Path, count: int = 5) -> Path:
+    """``count`` different 240x200 photographs, ``photo0.png`` ... in ``folder``: a training set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        (folder / f"photo{index}.png").write_bytes(encode(photo(200, 240, index), "PNG"))
+    return folder

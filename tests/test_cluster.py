@@ -36,6 +36,7 @@ AUX_STEPS = 2
 TRAIN_STEPS = 4
 CONFIG = ["--config", "configs/tiny.yaml", "--set", "synth.crop_size=128", "--set", "synth.crops_per_image=2"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
 # Variables of this test process that must not reach the clients: they would name another
 # Ray instance or another token.
 CLIENT_DROPS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")
@@ -96,8 +97,11 @@ class Stack:
 
     def submit(self, job_id: str, *args: str, timeout: float = 420) -> dict:
         """``ray job submit --working-dir .`` of one ``upsr`` job, then wait for its end."""
+        # The uploaded working dir has no .git: the commit travels in the job's environment.
+        runtime_env = json.dumps({"env_vars": {"UPSR_GIT_COMMIT": HEAD}})
         submitted = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".",
-                             "--submission-id", job_id, "--no-wait", "--", "upsr", *args)
+                             "--runtime-env-json", runtime_env, "--submission-id", job_id, "--no-wait", "--",
+                             "upsr", *args)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         deadline = time.monotonic() + timeout
         while True:
@@ -193,6 +197,7 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
     for name in ("aux", "upsr"):
         run = runs_by_name[name]
         assert run.info.status == "FINISHED"
+        assert run.data.tags["git_commit"] == HEAD
         # Proxied artifacts: the run stores through the server, which writes to S3.
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
         prefix = f"mlflow/{experiment.experiment_id}/{run.info.run_id}/artifacts/"

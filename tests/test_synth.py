@@ -156,6 +156,8 @@ def test_console_script_and_module_entry_points(tmp_path):
     verify_run = subprocess.run([sys.executable, "-m", "pipelines.synth_verify", str(output)],
                                 capture_output=True, text=True)
     assert verify_run.returncode == 0 and "0 mismatches" in verify_run.stderr
+    usage = subprocess.run([sys.executable, "-m", "pipelines.synth_verify", "--help"], capture_output=True, text=True)
+    assert usage.stdout.startswith("usage: python -m pipelines.synth_verify "), usage.stdout[:200]
 
     bad_key = subprocess.run([sys.executable, "-m", "pipelines.synth", "--output", str(tmp_path / "x"),
                               "--set", "synth.crops_per_imag=3"], capture_output=True, text=True)

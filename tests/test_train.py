@@ -30,7 +30,7 @@ from pipelines.dataset import open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import synthesize
 from pipelines.train_data import split_sources
-from tests.support import VENV_BIN, encode, make_bucket, photo, ray_local, s3_endpoint  # noqa: F401
+from tests.support import VENV_BIN, make_bucket, photo, ray_local, s3_endpoint, write_photos  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_OVERRIDES = ["synth.crop_size=128", "synth.crops_per_image=8", "train_data.materialize=true"]
@@ -45,10 +45,7 @@ def losses(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[i
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, ray_local):  # noqa: F811
     root = tmp_path_factory.mktemp("train")
-    photos = root / "photos"
-    photos.mkdir()
-    for index in range(5):
-        (photos / f"photo{index}.png").write_bytes(encode(photo(200, 240, index), "PNG"))
+    photos = write_photos(root / "photos")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def make_config(*overrides: str):
@@ -150,7 +147,11 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
 
     pipeline = upsr.load("models:/upsr@challenger")
     lr_image = photo(32, 48, 7)
-    assert pipeline.upscale(lr_image).shape == (128, 192, 3)
+    upscaled = pipeline.upscale(lr_image)
+    assert upscaled.shape == (128, 192, 3)
+    # The registered model serves through MLflow's generic pyfunc interface too, same output.
+    served = mlflow.pyfunc.load_model("models:/upsr@challenger").predict(lr_image)
+    assert np.array_equal(served, upscaled)
 
     (tmp_path / "in").mkdir()
     Image.fromarray(lr_image).save(tmp_path / "in" / "small.png")
@@ -336,6 +337,17 @@ def test_params_are_the_flat_config_with_secrets_redacted():
     assert params == {"service.url": "http://example", "service.api_token": REDACTED, "service.password": "None",
                       "lr": "0.0001"}
     assert "train.lr" in loggable_params(config_module.Config())
+
+
+def test_git_commit_comes_from_the_checkout_else_from_the_environment(tmp_path, monkeypatch):
+    from pipelines.tracking import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    monkeypatch.setenv("UPSR_GIT_COMMIT", "0" * 40)
+    assert git_commit(REPO) == head  # the checkout wins over a stale variable
+    assert git_commit(tmp_path) == "0" * 40  # an uploaded working dir has no .git
+    monkeypatch.delenv("UPSR_GIT_COMMIT")
+    assert git_commit(tmp_path) is None
 
 
 def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_path):

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import config as config_module
-from tests.support import encode, photo, ray_local  # noqa: F401
+from tests.support import ray_local, write_photos  # noqa: F401
 from tune.config import TuneConfig
 from upsr.typed_config import ConfigError
 
@@ -227,10 +227,7 @@ def workspace(tmp_path_factory, ray_local):  # noqa: F811
     from upsr.aux_net import build_aux_net
 
     root = tmp_path_factory.mktemp("tune")
-    photos = root / "photos"
-    photos.mkdir()
-    for index in range(5):
-        (photos / f"photo{index}.png").write_bytes(encode(photo(200, 240, index), "PNG"))
+    photos = write_photos(root / "photos")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def make_config(*overrides: str):
