@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import logging
+import socket
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -42,7 +43,8 @@ CONFIG_FILE = "_config.yaml"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="folder or s3:// prefix of HR images (default: the sample photographs "
-                                        "that scikit-image ships, exported to runs/sample_photos)")
+                                        "that scikit-image ships, exported to runs/sample_photos on the "
+                                        "submitting node: on a multi-node cluster give --input)")
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for the dataset")
     add_config_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
@@ -162,6 +164,11 @@ def load_crops(batch: pa.Table, source: storage.Location, synth: config_module.S
                          "reason": str(rejection)})
             continue
         except OSError as error:
+            if isinstance(error, FileNotFoundError) and not storage.exists(source):
+                # Listed by the driver, absent here: not a bad file but a folder this node cannot see.
+                raise UserError(f"{source.uri} does not exist on the Ray node {socket.gethostname()}: a local "
+                                "--input must be on storage that every node mounts; use s3:// or a shared "
+                                "filesystem") from None
             rows.append({"id": None, "source": name, "x": 0, "y": 0, "size": 0, "seed": 0, "hr_raw": b"",
                          "reason": f"unreadable: {error}"})
             continue

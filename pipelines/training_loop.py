@@ -127,6 +127,24 @@ def save_training_state(folder: Path, model: nn.Module, ema: AveragedModel, opti
     (folder / CONFIG_FILE).write_text(config_yaml)
 
 
+@contextlib.contextmanager
+def private_copy(checkpoint) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder that no other process writes to.
+
+    ``Checkpoint.as_directory`` shares one download per node, but a rank that finds the download
+    finished downloads again into the same folder, over files another rank is still reading
+    (a resume from S3 failed here with torch.load's "file read failed"). Each rank gets its own
+    copy; a local checkpoint is read in place.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="upsr-resume-") as folder:
+        yield Path(checkpoint.to_directory(folder))
+
+
 def restore_training_state(folder: Path, model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler) -> LoopState:
     device = next(model.parameters()).device
@@ -172,8 +190,8 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = restore_training_state(Path(folder), model, ema, optimizer, scheduler, scaler)
+        with private_copy(checkpoint) as folder:
+            state = restore_training_state(folder, model, ema, optimizer, scheduler, scaler)
         log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint.path)
     trained = ray.train.torch.prepare_model(model, move_to_device=False)
     logger = RunLogger(config.mlflow, loop_config["mlflow_run_id"]) if rank == 0 else None

@@ -215,3 +215,19 @@ def test_promotion_lifecycle(workspace, tiny_config, caplog):
     with pytest.raises(UserError, match="nothing to roll back to"):
         promote(workspace, "--rollback")
     assert champion() == broken
+
+    # 6. Another promotion moves the alias while this one compares: this one changes nothing.
+    from pipelines import promote as promote_module
+
+    compare_with_stored = promote_module.evaluation_of
+
+    def concurrent_promotion(model, *args):
+        MlflowClient().set_registered_model_alias(MODEL, "champion", worse)
+        return compare_with_stored(model, *args)
+
+    tags_before = promote_tags(flat)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(promote_module, "evaluation_of", concurrent_promotion)
+        with pytest.raises(UserError, match=f"moved to v{worse} while .* was compared with .*v{broken}"):
+            promote(workspace, "--candidate", f"models:/{MODEL}/{flat}")
+    assert champion() == worse and promote_tags(flat) == tags_before

@@ -190,3 +190,18 @@ def test_the_write_tasks_module_does_not_import_torch():
     probe = "import sys, pipelines.synth; print(sorted({'torch', 'basicsr'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_a_listed_file_missing_on_a_node_is_quarantined_unless_its_folder_is_missing(tmp_path):
+    from pipelines import storage
+    from pipelines.synth import load_crops
+
+    settings = config_module.load("configs/tiny.yaml").synth
+    source = write_tree(tmp_path / "src", {"a.png": GOOD["a.png"]})
+    listed = pa.table({"path": [str(source / "gone.png")], "source": ["gone.png"]})
+    rows = load_crops(listed, storage.resolve(str(source)), settings)
+    assert rows["reason"].to_pylist()[0].startswith("unreadable:")  # deleted after listing: that file only
+    elsewhere = tmp_path / "only-on-the-driver"
+    with pytest.raises(UserError, match="only-on-the-driver does not exist on the Ray node .* shared filesystem"):
+        load_crops(pa.table({"path": [str(elsewhere / "a.png")], "source": ["a.png"]}),
+                   storage.resolve(str(elsewhere)), settings)

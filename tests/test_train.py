@@ -339,6 +339,28 @@ def test_params_are_the_flat_config_with_secrets_redacted():
     assert "train.lr" in loggable_params(config_module.Config())
 
 
+def test_each_rank_restores_from_its_own_copy_of_a_remote_checkpoint(tmp_path):
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from pipelines.training_loop import private_copy
+
+    saved = tmp_path / "checkpoint_00000004"
+    saved.mkdir()
+    (saved / "training_state.pt").write_bytes(bytes(range(256)) * 64)
+    # Any filesystem but the local one is downloaded, as from S3.
+    remote = Checkpoint(saved.name, filesystem=pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem()))
+    with remote.as_directory() as shared_0, remote.as_directory() as shared_1:
+        assert shared_0 == shared_1  # Ray's copy is one per node, re-downloaded by a late reader
+    with private_copy(remote) as rank_0, private_copy(remote) as rank_1:
+        assert rank_0 != rank_1
+        assert (rank_0 / "training_state.pt").read_bytes() == (rank_1 / "training_state.pt").read_bytes() \
+            == (saved / "training_state.pt").read_bytes()
+    assert not rank_0.exists() and not rank_1.exists()
+    with private_copy(Checkpoint.from_directory(str(saved))) as in_place:
+        assert in_place == saved
+
+
 def test_git_commit_comes_from_the_checkout_else_from_the_environment(tmp_path, monkeypatch):
     from pipelines.tracking import git_commit
 
