@@ -229,7 +229,7 @@ def finish(mlflow_client, decision: Decision, config: Config, set_hash: str, eva
         # MLflow has no compare-and-set for aliases: re-reading it just before the move narrows a
         # concurrent promotion's window from the evaluations' minutes to one round trip.
         now = registry.alias_version(mlflow_client, candidate.name, settings.champion_alias)
-        if (now.version if now else None) != (champion.version if champion else None):
+        if (str(now.version) if now else None) != (champion.version if champion else None):
             raise UserError(f"@{settings.champion_alias} of {candidate.name} moved to v{now.version if now else 'none'} "
                             f"while {candidate.label} was compared with "
                             f"{champion.label if champion else 'no champion'}: nothing changed; run promote again")
