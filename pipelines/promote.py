@@ -229,9 +229,10 @@ def finish(mlflow_client, decision: Decision, config: Config, set_hash: str, eva
         # MLflow has no compare-and-set for aliases: re-reading it just before the move narrows a
         # concurrent promotion's window from the evaluations' minutes to one round trip.
         now = registry.alias_version(mlflow_client, candidate.name, settings.champion_alias)
-        if (str(now.version) if now else None) != (champion.version if champion else None):
-            raise UserError(f"@{settings.champion_alias} of {candidate.name} moved to v{now.version if now else 'none'} "
-                            f"while {candidate.label} was compared with "
+        holder = registry.version_ref(now) if now else None
+        if (holder.version if holder else None) != (champion.version if champion else None):
+            raise UserError(f"@{settings.champion_alias} of {candidate.name} moved to "
+                            f"v{holder.version if holder else 'none'} while {candidate.label} was compared with "
                             f"{champion.label if champion else 'no champion'}: nothing changed; run promote again")
         mlflow_client.set_registered_model_alias(candidate.name, settings.champion_alias, candidate.version)
         previous = champion.version if champion else None

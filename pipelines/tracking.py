@@ -96,10 +96,10 @@ def git_commit(code_folder: Path = Path(__file__).resolve().parent) -> str | Non
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=code_folder)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        result = None
-    if result is not None and result.returncode == 0 and result.stdout.strip():
-        return result.stdout.strip()
+        pass
     return os.environ.get("UPSR_GIT_COMMIT") or None
 
 
