@@ -48,12 +48,13 @@ def tiny_config(root: Path, overrides: list[str]):
 def plain_loop(config, data_uri: str, global_batch: int, steps: int, warmup: int) -> float:
     """Samples/s of a single-process loop doing the same work per step as a Ray Train worker."""
     import pyarrow.dataset as pads
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
     from pipelines.dataset import open_dataset
     from pipelines.images import decode_png
     from pipelines.train import DiffusionTask
     from pipelines.train_data import augment
+    from pipelines.training_loop import ema_update
 
     dataset = open_dataset(data_uri)
     table = pads.dataset(dataset.shard_paths, filesystem=dataset.location.fs, format="parquet").to_table(
@@ -63,7 +64,8 @@ def plain_loop(config, data_uri: str, global_batch: int, steps: int, warmup: int
     torch.manual_seed(0)
     task = DiffusionTask(config, torch.device("cpu"))
     model = task.model
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay, config.train.ema_warmup),
+                        use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     generator = torch.Generator().manual_seed(0)
     times = []
@@ -74,7 +76,8 @@ def plain_loop(config, data_uri: str, global_batch: int, steps: int, warmup: int
         loss = task.losses(model, lr_batch, hr_batch, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        if config.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         ema.update_parameters(model)
         times.append(time.perf_counter() - started)

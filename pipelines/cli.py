@@ -16,6 +16,7 @@ JOBS = {
     "synth-verify": ("synth_verify", "re-generate sampled rows of a dataset and check they match"),
     "demo": ("demo", "run the project end to end on embedded defaults (sample photographs, local Ray)"),
     "upscale": ("upscale", "upscale images x4 with a trained UPSR checkpoint"),
+    "import-official": ("import_official", "import the authors' released UPSR weights as a checkpoint folder"),
     "train-aux": ("train_aux", "train the auxiliary SR net on a synthesised dataset (Ray Train, MLflow)"),
     "train": ("train", "train UPSR with a frozen aux net on a synthesised dataset (Ray Train, MLflow registry)"),
     "tune": ("tune", "search UPSR's noise weighting and other config keys (Ray Tune over Ray Train, MLflow)"),

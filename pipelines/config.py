@@ -109,14 +109,16 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5000
-    # Not from the paper: a safety net against rare loss spikes that costs nothing otherwise.
-    grad_clip: float = 1.0
+    # Max global gradient norm; None (the release's choice) clips nothing. The norm is logged either way.
+    grad_clip: float | None = None
+    # A fixed decay, updated after every optimiser step, as the release does.
     ema_decay: float = 0.999
     # Ramp the EMA decay as min(ema_decay, (1 + n) / (10 + n)) over the first updates, so that a
     # short run's EMA follows the model instead of staying at its random initialisation
-    # (0.999^30 leaves 97 % of it). The ramp ends after ~9k updates: no effect at paper scale.
-    ema_warmup: bool = True
-    # "auto": bf16 autocast on GPUs, plain fp32 on CPUs. "fp16" adds a GradScaler.
+    # (0.999^30 leaves 97 % of it). The ramp ends after ~9k updates; off in the release.
+    ema_warmup: bool = False
+    # "auto": bf16 autocast on GPUs, plain fp32 on CPUs. "fp16" is the authors' setting: fp16
+    # autocast with a GradScaler. g(y), w and the condition are computed in float32 whatever this is.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = 5000
     num_to_keep: int = 3
@@ -145,8 +147,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("weight_decay must be >= 0 and grad_clip > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cpus_per_worker < 0:

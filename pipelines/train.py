@@ -7,6 +7,12 @@ Every checkpoint folder also holds ``upsr/``, an ``upsr.load``-able checkpoint o
 weights; at the end the last one is logged as the run's model and registered as
 ``mlflow.registered_model`` with alias ``mlflow.alias``. Re-running with the same ``--name``
 (and storage) continues from the latest checkpoint.
+
+``--init-from`` starts the denoiser (and its EMA) from an UPSR checkpoint folder or a
+``models:/`` URI instead of random weights, e.g. the release imported by ``upsr import-official``;
+without ``--aux`` the aux net comes from that checkpoint too. The driver reads it once and hands
+the tensors to the workers through Ray's object store, so workers on other nodes need no access
+to the driver's files.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pipelines.config import Config
 from pipelines.synth import add_config_arguments
 from pipelines.train_aux import AUX_CONFIG_FILE, AUX_WEIGHTS_FILE, default_run_name, image_grid
 from upsr.config import AuxConfig
-from upsr.typed_config import ConfigError, from_dict
+from upsr.typed_config import ConfigError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,12 @@ EXPORT_FOLDER = "upsr"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="synthesised dataset (folder or s3:// prefix)")
-    parser.add_argument("--aux", required=True,
+    parser.add_argument("--aux",
                         help="aux net: a `upsr train-aux` checkpoint folder (or s3:// prefix), or a weights file "
-                             "(.safetensors or basicsr .pth) for the configured aux architecture")
+                             "(.safetensors or basicsr .pth) for the configured aux architecture; "
+                             "default with --init-from: that checkpoint's aux net")
+    parser.add_argument("--init-from", metavar="PATH_OR_URI",
+                        help="start from this UPSR checkpoint's denoiser (folder or models:/NAME@ALIAS) to fine-tune")
     add_config_arguments(parser)
     parser.add_argument("--name", help="Ray Train run name; an existing one is continued from its latest "
                                        "checkpoint (default: a new name from the date and time)")
@@ -51,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_module.load(args.config, args.set)
-    result = train(args.data, args.aux, config, args.name or default_run_name("upsr"))
+    if args.aux is None and args.init_from is None:
+        raise UserError("--aux is required (without --init-from there is no aux net to start from)")
+    result = train(args.data, args.aux, config, args.name or default_run_name("upsr"), init_from=args.init_from)
     log.info("model registered as models:/%s@%s (checkpoint %s)", config.mlflow.registered_model,
              config.mlflow.alias, result.checkpoint_uri)
     return 0
@@ -96,13 +107,48 @@ def local_weights(uri: str, config: Config) -> Path:
     return Path(handle.name)
 
 
-def train(data_uri: str, aux_uri: str, config: Config, run_name: str):
+def read_init(init_from: str, config: Config, with_aux: bool):
+    """The checkpoint to start from, checked against the config: its denoiser must be the
+    configured one (the weights have to fit), and its aux net is taken when ``with_aux``."""
+    import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
+    from upsr.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        stored = read_checkpoint(init_from)
+    except (CheckpointError, OSError) as error:
+        raise UserError(f"--init-from {init_from}: {error}") from None
+    ours, theirs = to_dict(config.denoiser), to_dict(stored.config.denoiser)
+    differs = [key for key in ours if ours[key] != theirs[key]]
+    if differs:
+        raise UserError(f"--init-from {init_from}: its denoiser has {differs[0]} = {theirs[differs[0]]!r}, the config "
+                        f"says {ours[differs[0]]!r}; set denoiser.{differs[0]} (or use that checkpoint's config)")
+    for section in ("diffusion", "weight"):
+        if getattr(stored.config, section) != getattr(config, section):
+            log.warning("--init-from %s was trained with other %s settings (%s); fine-tuning with the config's (%s)",
+                        init_from, section, getattr(stored.config, section), getattr(config, section))
+    if with_aux:
+        config = replace(config, aux=replace(stored.config.aux, weights=None, weights_key=None))
+    return config, {"denoiser": stored.denoiser_state, "aux": stored.aux_state if with_aux else None}
+
+
+def train(data_uri: str, aux_uri: str | None, config: Config, run_name: str, init_from: str | None = None):
     """Run the job; returns ``training_loop.FitResult`` after registering the model."""
+    import ray
+
     from pipelines import tracking
+    from pipelines.ray_env import init_ray
     from pipelines.training_loop import fit
 
-    config, _ = resolve_aux(aux_uri, config)
-    result = fit(JOB, train_worker, config.train, config, data_uri, run_name)
+    extra_loop_config, run_tags = {}, {}
+    if init_from:
+        config, init_state = read_init(init_from, config, with_aux=aux_uri is None)
+        init_ray(config.ray)
+        extra_loop_config["init_state"] = ray.put(init_state)
+        run_tags["init_from"] = init_from
+    if aux_uri:
+        config, _ = resolve_aux(aux_uri, config)
+    result = fit(JOB, train_worker, config.train, config, data_uri, run_name, extra_loop_config=extra_loop_config,
+                 run_tags=run_tags)
     with result.checkpoint.as_directory() as folder:
         tracking.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
     tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
@@ -114,13 +160,21 @@ def train_worker(loop_config: dict) -> None:
     from pipelines.training_loop import worker_loop
 
     config, _ = parse_loop_config(loop_config)
-    worker_loop(lambda device: DiffusionTask(config, device), config.train, config, loop_config)
+    init_state = None
+    if "init_state" in loop_config:
+        import ray
+
+        init_state = ray.get(loop_config["init_state"])
+    worker_loop(lambda device: DiffusionTask(config, device, init_state), config.train, config, loop_config)
 
 
 class DiffusionTask:
-    """The UPSR denoiser trained with the frozen aux net (DESIGN §1)."""
+    """The UPSR denoiser trained with the frozen aux net (DESIGN §1).
 
-    def __init__(self, config: Config, device: torch.device):
+    ``init_state``: {"denoiser": state dict, "aux": state dict or None} to start from (``--init-from``).
+    """
+
+    def __init__(self, config: Config, device: torch.device, init_state: dict | None = None):
         from upsr.aux_net import build_aux_net, freeze
         from upsr.denoiser import build_denoiser
         from upsr.diffusion import UNWDiffusion
@@ -129,11 +183,17 @@ class DiffusionTask:
         self.config = config
         self.model = build_denoiser(config.denoiser)
         aux = config.aux
+        init_state = init_state or {}
+        if init_state.get("denoiser") is not None:
+            self.model.load_state_dict(init_state["denoiser"], strict=True)
         if aux.weights:
             aux = replace(aux, weights=str(local_weights(aux.weights, config)))
-        else:
+        elif init_state.get("aux") is None:
             log.warning("aux.weights is not set: the aux net g is randomly initialised")
-        self.aux = freeze(build_aux_net(aux)).to(device)
+        aux_net = build_aux_net(aux)
+        if init_state.get("aux") is not None:
+            aux_net.load_state_dict(init_state["aux"], strict=True)
+        self.aux = freeze(aux_net).to(device)
         self.diffusion = UNWDiffusion.from_config(config.diffusion)
         self.loss = DiffusionLoss(config.loss).to(device)
         self._lpips_for_metrics = None

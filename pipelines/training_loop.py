@@ -2,8 +2,8 @@
 
 Driver side, ``fit`` opens the dataset and the MLflow run and runs a ``TorchTrainer``. Worker
 side, ``worker_loop`` runs a job's ``Task`` (the network, its loss, validation and what a
-checkpoint exports) with AdamW, linear warm-up, gradient clipping, a parameter EMA, optional
-autocast, the non-finite guard and checkpoints.
+checkpoint exports) with AdamW, linear warm-up, optional gradient clipping, a parameter EMA,
+optional autocast (a GradScaler for fp16), the non-finite guard and checkpoints.
 
 Invariants the loop keeps:
 
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from pipelines import config as config_module
 from pipelines import storage
@@ -93,17 +93,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def ema_update(decay: float, warmup: bool) -> Callable:
     """``AveragedModel``'s multi_avg_fn: a fixed decay, or one ramped as min(decay, (1 + n) / (10 + n))."""
-    if not warmup:
-        return get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        # Called once per dtype group; integer buffers (e.g. attention position indices) are copied.
+        # Called once per dtype group. Integer buffers (attention position indices) are copied:
+        # torch's own EMA would round index * decay + index * (1 - decay) down by one now and then.
         if not torch.is_floating_point(ema_params[0]):
             torch._foreach_copy_(ema_params, params)
             return
         updates = int(num_averaged)
-        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + updates) / (10 + updates)))
+        step_decay = min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1.0 - step_decay)
 
     return update
 
@@ -179,6 +179,9 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
     task = task_factory(device)
     model = task.model.to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
+    # AveragedModel's first update would copy the model; the release's EMA starts as a copy of
+    # the initial weights and averages from the first step on.
+    ema.n_averaged.fill_(1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup_steps))
@@ -235,7 +238,9 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+                # An infinite max norm measures without clipping.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), settings.grad_clip if settings.grad_clip is not None else math.inf))
                 # fp16's scaler skips steps with overflowing gradients itself; elsewhere such a
                 # step (the same on every rank: gradients are all-reduced) is a non-finite one.
                 finite = math.isfinite(grad_norm) or precision == "fp16"

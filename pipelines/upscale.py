@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, help="LR tile size (default: the checkpoint's inference.tile)")
     parser.add_argument("--stride", type=int, help="LR tile stride (default: the checkpoint's inference.stride)")
     parser.add_argument("--batch", type=int, help="tiles or images per network call (inference.tile_batch)")
+    parser.add_argument("--tiling", choices=("blend", "release"),
+                        help="large images: blend denoiser tiles in every step, or sample tiles separately as the "
+                             "release does (default: the checkpoint's inference.tiling)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="sampling seed (default: the checkpoint's inference.seed)")
 
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as error:
         raise UserError(f"--model: {error}") from None
     overrides = {name: value for name, value in (("tile", args.tile), ("stride", args.stride),
-                                                 ("tile_batch", args.batch), ("seed", args.seed))
+                                                 ("tile_batch", args.batch), ("seed", args.seed),
+                                                 ("tiling", args.tiling))
                  if value is not None}
     try:
         pipeline.inference_config = dataclasses.replace(pipeline.inference_config, **overrides)

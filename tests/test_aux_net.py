@@ -19,11 +19,12 @@ from upsr.losses import DiffusionLoss, training_loss
 from upsr.config import LossConfig
 
 
-def test_default_is_swinir_light_and_any_lr_size_works():
+def test_default_is_the_release_atd_and_any_lr_size_works():
     aux = build_aux_net(AuxConfig())
-    assert 0.85e6 < count_parameters(aux) < 1.0e6
-    sr = aux(torch.rand(1, 3, 13, 21))  # not a multiple of the window: padded and cropped back
-    assert sr.shape == (1, 3, 52, 84) and 0 <= sr.min() and sr.max() <= 1
+    assert type(aux.net).__name__ == "ATD" and count_parameters(aux) == 2_532_360
+    with torch.no_grad():
+        sr = aux(torch.rand(1, 3, 13, 21))  # not a multiple of the window: padded and cropped back
+    assert sr.shape == (1, 3, 52, 84) and torch.isfinite(sr).all()
 
 
 def test_unknown_architecture_and_wrong_scale_are_named():
@@ -75,7 +76,8 @@ def test_sr_condition_ranges_and_baseline(tiny_parts, tiny_config):
     full = sr_condition(aux_net, lr, tiny_config.weight, use_sr_condition=True)
     baseline = sr_condition(aux_net, lr, tiny_config.weight, use_sr_condition=False)
     assert full.cond.shape == (1, 6, 64, 64) and baseline.cond.shape == (1, 3, 64, 64)
-    assert full.g_y.min() >= -1 and full.g_y.max() <= 1
+    # g(y) is the net's output as it is: the release does not clamp it.
+    torch.testing.assert_close(full.g_y, aux_net(lr) * 2 - 1)
     floor = tiny_config.weight.floor
     assert full.weight.min() >= floor - 1e-6 and full.weight.max() <= 1 + 1e-6
     torch.testing.assert_close(
@@ -88,3 +90,22 @@ def test_aux_training_loss_is_l1_without_lpips(tiny_config):
     assert loss.lpips is None
     sr, hr = torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.25)
     assert loss(sr, hr)["loss"].item() == pytest.approx(0.25)
+
+
+def test_sr_condition_is_float32_inside_autocast(tiny_parts, tiny_config):
+    """The release computes g(y), w and the condition outside autocast; bf16 would round w's small
+    differences away."""
+    _, aux_net, _ = tiny_parts
+    lr = torch.rand(2, 3, 16, 16)
+    expected = sr_condition(aux_net, lr, tiny_config.weight, use_sr_condition=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.Linear(2, 2)(torch.rand(1, 2)).dtype == torch.bfloat16  # autocast is really on
+        inside = sr_condition(aux_net, lr.bfloat16(), tiny_config.weight, use_sr_condition=True)
+    for name in ("y", "g_y", "weight", "cond"):
+        value = getattr(inside, name)
+        assert value.dtype == torch.float32, name
+    # The LR given in bf16 is cast back exactly (bf16 -> fp32 is lossless), so only that rounding shows.
+    again = sr_condition(aux_net, lr.bfloat16().float(), tiny_config.weight, use_sr_condition=True)
+    torch.testing.assert_close(inside.cond, again.cond, rtol=0, atol=0)
+    torch.testing.assert_close(inside.weight, again.weight, rtol=0, atol=0)
+    assert expected.cond.dtype == torch.float32

@@ -123,8 +123,6 @@ def model(workspace, tiny_config):
 
     torch.manual_seed(0)
     denoiser = build_denoiser(tiny_config.denoiser)
-    with torch.no_grad():
-        torch.nn.init.normal_(denoiser.head[-1].weight, std=0.02)
     config = CheckpointConfig(denoiser=tiny_config.denoiser, aux=tiny_config.aux, diffusion=tiny_config.diffusion,
                               weight=tiny_config.weight, inference=tiny_config.inference)
     folder = save_checkpoint(workspace["root"] / "model", denoiser, freeze(build_aux_net(tiny_config.aux)),

@@ -172,3 +172,55 @@ def test_a_per_call_seed_replaces_the_configured_one(stand_in_pipeline):
     tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     assert torch.equal(pipeline.upscale(tensor, seed=3), pipeline.upscale(tensor, seed=3))
     assert not torch.equal(pipeline.upscale(tensor, seed=3), pipeline.upscale(tensor, seed=4))
+
+
+def test_noise_is_the_prior_noise_in_pixel_space(stand_in_pipeline):
+    """x_T = y + kappa sqrt(eta_T) w noise: the result is the sampler's from that prior, whatever the seed."""
+    from upsr.aux_net import sr_condition
+    from upsr.denoiser import make_denoise_fn
+
+    pipeline = stand_in_pipeline(InferenceConfig(tile=96, stride=96))
+    lr = torch.rand(2, 3, 16, 32)
+    noise = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(7))
+    first = pipeline.upscale(lr, seed=1, noise=noise)
+    assert torch.equal(first, pipeline.upscale(lr, seed=2, noise=noise))
+    assert not torch.equal(first, pipeline.upscale(lr, seed=1))
+    condition = sr_condition(pipeline.aux_net, lr, pipeline.weight_config, use_sr_condition=True)
+    expected = pipeline.diffusion.sample(make_denoise_fn(pipeline.denoiser, pipeline.diffusion), condition.y,
+                                         condition.cond, condition.weight, prior_noise=noise)
+    torch.testing.assert_close(first, ((expected + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def test_noise_at_the_output_size_is_extended_over_the_padding(stand_in_pipeline):
+    pipeline = stand_in_pipeline(InferenceConfig(tile=96, stride=96))
+    lr = torch.rand(1, 3, 13, 21)  # padded to 16 x 32 (lr_multiple 16)
+    padded_noise = torch.randn(1, 3, 64, 128)
+    at_padded = pipeline.upscale(lr, noise=padded_noise)
+    at_output = pipeline.upscale(lr, noise=padded_noise[..., :52, :84])
+    assert at_padded.shape == at_output.shape == (1, 3, 52, 84)
+    # Only the padding's noise differs (drawn from the seed); it reaches the image only near its border.
+    assert (at_padded - at_output)[..., :40, :60].abs().max() < 1e-6
+    image = astronaut_lr(13, 21)
+    assert pipeline.upscale(image, noise=padded_noise[0]).shape == (52, 84, 3)
+    with pytest.raises(ValueError, match=r"noise must be a float tensor of shape \(1, 3, 52, 84\)"):
+        pipeline.upscale(lr, noise=torch.randn(1, 3, 52, 80))
+    with pytest.raises(ValueError, match="not a list"):
+        pipeline.upscale([image, image], noise=padded_noise)
+
+
+def test_release_tiling_samples_every_tile_on_its_own_and_averages(stand_in_pipeline):
+    config = InferenceConfig(tile=32, stride=24, tile_batch=3, tiling="release")
+    pipeline = stand_in_pipeline(config)
+    lr = torch.rand(1, 3, 40, 48)
+    noise = torch.randn(1, 3, 160, 192)
+    tiled = pipeline.upscale(lr, noise=noise)
+    whole = stand_in_pipeline(replace(config, tile=64, stride=64))
+    total, count = torch.zeros_like(tiled), torch.zeros_like(tiled)
+    for top in tile_starts(40, 32, 24):
+        for left in tile_starts(48, 32, 24):
+            rows, cols = slice(top * 4, (top + 32) * 4), slice(left * 4, (left + 32) * 4)
+            total[..., rows, cols] += whole.upscale(lr[..., top:top + 32, left:left + 32], noise=noise[..., rows, cols])
+            count[..., rows, cols] += 1
+    torch.testing.assert_close(tiled, total / count, rtol=0, atol=1e-6)
+    # Without given noise each tile draws its own: the result is reproducible from the seed.
+    assert torch.equal(pipeline.upscale(lr, seed=3), pipeline.upscale(lr, seed=3))

@@ -109,9 +109,11 @@ def register(workspace, tiny_config, kind: str) -> str:
     denoiser = build_denoiser(tiny_config.denoiser)
     with torch.no_grad():
         if kind == "broken":
-            torch.nn.init.normal_(denoiser.head[-1].weight, std=1.0)
-            torch.nn.init.normal_(denoiser.head[-1].bias, std=1.0)
-        # "flat" keeps the zero-initialised output conv: x0_hat = 0, every SR pixel mid-grey.
+            torch.nn.init.normal_(denoiser.conv_last.weight, std=1.0)
+            torch.nn.init.normal_(denoiser.conv_last.bias, std=1.0)
+        else:  # "flat": a zero output conv gives x0_hat = 0, every SR pixel mid-grey
+            torch.nn.init.zeros_(denoiser.conv_last.weight)
+            torch.nn.init.zeros_(denoiser.conv_last.bias)
     folder = workspace["root"] / f"checkpoint-{kind}-{len(list(workspace['root'].glob('checkpoint-*')))}"
     save_checkpoint(folder, denoiser, freeze(build_aux_net(tiny_config.aux)),
                     UNWDiffusion.from_config(tiny_config.diffusion),

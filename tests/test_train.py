@@ -106,6 +106,27 @@ def test_train_aux_end_to_end(workspace, aux_run):
     assert artifacts == {"aux/aux.safetensors", "aux/aux_config.json"}
 
 
+TINY_ATD = ("aux.arch=ATD", "aux.options={upscale: 4, embed_dim: 16, depths: [2], num_heads: [2], window_size: 8, "
+            "category_size: 32, num_tokens: 8, reducted_dim: 4, convffn_kernel_size: 3, mlp_ratio: 1}")
+
+
+@pytest.mark.slow
+def test_train_aux_trains_the_release_atd(workspace, tmp_path):
+    from pipelines.train_aux import train_aux
+    from upsr.aux_net import build_aux_net, load_aux_weights
+
+    config = workspace["config"](*TINY_ATD, "aux_train.steps=4", "aux_train.checkpoint_every=4",
+                                 "aux_train.val_batches=0", f"aux_train.storage_path={tmp_path}")
+    result = train_aux(workspace["data"], config, "atd")
+    history = [value for _, value in losses(MlflowClient(), result.run_id)]
+    assert len(history) == 4 and all(np.isfinite(history))
+    aux = build_aux_net(config.aux)
+    load_aux_weights(aux, Path(result.checkpoint_uri) / "aux.safetensors")
+    torch.manual_seed(config.aux_train.seed)
+    untrained = build_aux_net(config.aux).net.state_dict()
+    assert any(not torch.equal(tensor, untrained[name]) for name, tensor in aux.net.state_dict().items())
+
+
 @pytest.mark.slow
 def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_path):
     import upsr
@@ -166,8 +187,8 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
 @pytest.mark.slow
 def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     from pipelines.train import DiffusionTask, train
-    from pipelines.training_loop import STATE_FILE, restore_training_state, warmup_factor
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from pipelines.training_loop import STATE_FILE, ema_update, restore_training_state, warmup_factor
+    from torch.optim.swa_utils import AveragedModel
 
     first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*QUICK, "train.steps=4"),
                   "resume")
@@ -184,7 +205,8 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     checkpoint = Path(first.checkpoint_uri)
     task = DiffusionTask(config, torch.device("cpu"))
     model = task.model
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay, config.train.ema_warmup),
+                        use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.train.warmup_steps))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -208,7 +230,8 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     assert final_state["step"] == 8
     assert all(int(values["step"]) == 8 for values in final_state["optimizer"]["state"].values())
     assert final_state["scheduler"]["last_epoch"] == 8
-    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 8
+    # The EMA counts the initial weights as one average (it starts from them, as the release's does).
+    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 9
 
 
 @pytest.mark.slow
@@ -297,6 +320,50 @@ def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint)
         assert f"ray/s3run/checkpoint_{step:08d}/training_state.pt" in keys
         assert f"ray/s3run/checkpoint_{step:08d}/upsr/weights.safetensors" in keys
     assert losses(MlflowClient(), second.run_id, "resumed_from_step") == [(4, 4.0)]
+
+
+def init_checkpoint(folder: Path, config) -> Path:
+    """A tiny UPSR checkpoint of seeded random networks, to start training from."""
+    from upsr.aux_net import build_aux_net
+    from upsr.checkpoint import CheckpointConfig, save_checkpoint
+    from upsr.denoiser import build_denoiser
+    from upsr.diffusion import UNWDiffusion
+
+    torch.manual_seed(123)
+    return save_checkpoint(folder, build_denoiser(config.denoiser), build_aux_net(config.aux),
+                           UNWDiffusion.from_config(config.diffusion), CheckpointConfig(
+                               denoiser=config.denoiser, aux=config.aux, diffusion=config.diffusion,
+                               weight=config.weight, inference=config.inference))
+
+
+@pytest.mark.slow
+def test_init_from_starts_the_denoiser_its_ema_and_the_aux_net_from_a_checkpoint(workspace, tmp_path):
+    from pipelines.train import train
+
+    source = init_checkpoint(tmp_path / "start", workspace["config"]())
+    # A learning rate far below float32 resolution: after two steps the weights are still the start's.
+    config = workspace["config"](*QUICK, "train.steps=2", "train.checkpoint_every=2", "train.lr=1.0e-15")
+    result = train(workspace["data"], None, config, "init-from", init_from=str(source))
+    started = load_file(str(source / "weights.safetensors"))
+    exported = load_file(str(Path(result.checkpoint_uri) / "upsr" / "weights.safetensors"))
+    assert exported.keys() == started.keys()
+    for name, tensor in started.items():  # the EMA (exported) and the aux net both come from the start
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-7, msg=name)
+    for name, tensor in load_file(str(Path(result.checkpoint_uri) / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, started["denoiser." + name], rtol=0, atol=1e-7, msg=name)
+    assert MlflowClient().get_run(result.run_id).data.tags["init_from"] == str(source)
+
+
+def test_init_from_must_fit_the_configured_denoiser(tmp_path):
+    from pipelines.train import train
+
+    config = config_module.load(REPO / "configs" / "tiny.yaml")
+    source = init_checkpoint(tmp_path / "start", config)
+    wider = config_module.load(REPO / "configs" / "tiny.yaml", ["denoiser.model_channels=64"])
+    with pytest.raises(UserError, match="its denoiser has model_channels = 32, the config says 64"):
+        train(str(tmp_path / "no-data"), None, wider, "never", init_from=str(source))
+    with pytest.raises(UserError, match="--init-from .*missing"):
+        train(str(tmp_path / "no-data"), None, config, "never", init_from=str(tmp_path))
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """The auxiliary SR net g (DESIGN §1): any basicsr architecture, frozen during diffusion training.
 
 ``AuxSR`` wraps the basicsr net so that every caller gets the same contract: LR in [0, 1] of
-any size in, HR in [0, 1] out. ``sr_condition`` turns an LR batch into what the diffusion
-needs: ``y`` (bicubic), ``g(y)``, both in [-1, 1], and the noise weight ``w``.
+any size in, HR around [0, 1] out (not clamped: the release feeds g(y) to the diffusion as the
+net returns it). ``sr_condition`` turns an LR batch into what the diffusion needs: ``y``
+(bicubic), ``g(y)``, both in [-1, 1], and the noise weight ``w``, always in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 import basicsr_compat  # noqa: F401  (must precede basicsr)
 import basicsr.archs  # noqa: F401  (registers the architectures)
+import upsr.atd  # noqa: F401  (registers the release's ATD)
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from upsr.config import AuxConfig, NoiseWeightConfig
@@ -31,7 +33,7 @@ class AuxWeightsError(ValueError):
 
 
 class AuxSR(nn.Module):
-    """LR [0, 1] -> HR [0, 1]; pads LR for window-based architectures and crops the result back."""
+    """LR [0, 1] -> HR ~[0, 1]; pads LR for window-based architectures and crops the result back."""
 
     def __init__(self, net: nn.Module, scale: int, pad_multiple: int):
         super().__init__()
@@ -42,8 +44,7 @@ class AuxSR(nn.Module):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         height, width = lr.shape[-2:]
         padded = reflect_pad_to_multiple(lr, self.pad_multiple)
-        sr = self.net(padded)[..., : height * self.scale, : width * self.scale]
-        return sr.clamp(0.0, 1.0)
+        return self.net(padded)[..., : height * self.scale, : width * self.scale]
 
 
 def reflect_pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -131,11 +132,17 @@ def sr_condition(
     aux: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, weight_config: NoiseWeightConfig, use_sr_condition: bool, scale: int = 4
 ) -> SRCondition:
     """``y`` = bicubic x scale of LR, ``g(y)`` = aux(LR), ``w`` from the weight family, and the
-    condition image ``[g(y), y]`` (or ``[y]`` for the baseline). ``lr`` is in [0, 1]."""
-    y = bicubic_upsample(lr * 2 - 1, scale)
-    g_y = aux(lr) * 2 - 1
-    weight = weight_from_config(weight_config, g_y, y)
-    cond = torch.cat([g_y, y], dim=1) if use_sr_condition else y
+    condition image ``[g(y), y]`` (or ``[y]`` for the baseline). ``lr`` is in [0, 1].
+
+    Computed in float32 even inside an autocast region, as the release does: ``w`` thresholds
+    small differences of ``g(y)`` and ``y``, which bf16 would round away.
+    """
+    with torch.autocast(lr.device.type, enabled=False):
+        lr = lr.float()
+        y = bicubic_upsample(lr * 2 - 1, scale)
+        g_y = aux(lr) * 2 - 1
+        weight = weight_from_config(weight_config, g_y, y)
+        cond = torch.cat([g_y, y], dim=1) if use_sr_condition else y
     return SRCondition(y=y, g_y=g_y, weight=weight, cond=cond)
 
 

@@ -33,7 +33,8 @@ from upsr.inference import UPSRPipeline
 from upsr.typed_config import ConfigError, from_dict, to_dict
 
 FORMAT_NAME = "upsr-checkpoint"
-FORMAT_VERSION = 1
+# 2: the denoiser has the release's layout (module names, head, Swin shift rule and buffers).
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 SCHEDULE_FILE = "schedule.json"
@@ -98,12 +99,23 @@ def save_checkpoint(folder: str | Path, denoiser: nn.Module, aux_net: nn.Module,
     _write_json(folder / CONFIG_FILE, to_dict(stored))
     _write_json(folder / SCHEDULE_FILE, {"etas": diffusion.etas.tolist(), "kappa": diffusion.kappa})
     _write_json(folder / FORMAT_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                                       "weights_sha256": _sha256(folder / WEIGHTS_FILE)})
+                                       "weights_sha256": file_sha256(folder / WEIGHTS_FILE)})
     return folder
 
 
-def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
-    """The pipeline stored in a checkpoint folder (or a URI a registered resolver maps to one)."""
+@dataclass
+class StoredCheckpoint:
+    """A checkpoint folder's content, checked but not yet built into networks."""
+
+    folder: Path
+    config: CheckpointConfig
+    diffusion: UNWDiffusion
+    denoiser_state: dict[str, torch.Tensor]
+    aux_state: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
+    """The configs, schedule and tensors of a checkpoint folder (or a URI a resolver maps to one)."""
     folder = resolve_checkpoint_path(path_or_uri)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder (it does not exist or is a file)")
@@ -111,13 +123,16 @@ def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu")
     if format_info.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{folder / FORMAT_FILE}: format is {format_info.get('format')!r}, "
                               f"not {FORMAT_NAME!r}: this folder holds something else")
+    if format_info.get("version") == 1:
+        raise CheckpointError(f"{folder / FORMAT_FILE}: format version 1 was written before the denoiser took the "
+                              "release's layout; its weights do not fit this code: retrain or re-import the model")
     if format_info.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / FORMAT_FILE}: format version {format_info.get('version')!r} is not "
                               f"supported by this code (it reads version {FORMAT_VERSION})")
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing")
-    if _sha256(weights_path) != format_info.get("weights_sha256"):
+    if file_sha256(weights_path) != format_info.get("weights_sha256"):
         raise CheckpointError(f"{weights_path} does not match the checksum in {FORMAT_FILE}: "
                               "the file was truncated or modified after saving")
 
@@ -133,19 +148,34 @@ def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu")
     if diffusion.num_steps != config.diffusion.steps:
         raise CheckpointError(f"{folder / SCHEDULE_FILE} has {diffusion.num_steps} etas but "
                               f"{CONFIG_FILE} says diffusion.steps = {config.diffusion.steps}")
-
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path} cannot be read: {error}") from None
-    denoiser = build_denoiser(config.denoiser)
-    aux_net = build_aux_net(config.aux)
-    _load_prefixed(denoiser, tensors, DENOISER_PREFIX, weights_path)
-    _load_prefixed(aux_net, tensors, AUX_PREFIX, weights_path)
+    return StoredCheckpoint(folder, config, diffusion, _with_prefix(tensors, DENOISER_PREFIX, weights_path),
+                            _with_prefix(tensors, AUX_PREFIX, weights_path))
+
+
+def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
+    """The pipeline stored in a checkpoint folder (or a URI a registered resolver maps to one)."""
+    stored = read_checkpoint(path_or_uri)
+    denoiser = build_denoiser(stored.config.denoiser)
+    aux_net = build_aux_net(stored.config.aux)
+    weights_path = stored.folder / WEIGHTS_FILE
+    load_state(denoiser, stored.denoiser_state, weights_path)
+    load_state(aux_net, stored.aux_state, weights_path)
     for module in (denoiser, aux_net):
         module.requires_grad_(False)
-    pipeline = UPSRPipeline(denoiser, aux_net, diffusion, config.weight, config.inference)
+    pipeline = UPSRPipeline(denoiser, aux_net, stored.diffusion, stored.config.weight, stored.config.inference)
     return pipeline.to(device)
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``format.json`` of ours (any version)."""
+    try:
+        return json.loads((folder / FORMAT_FILE).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
@@ -153,17 +183,22 @@ def load(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPip
     return load_checkpoint(path_or_uri, device)
 
 
-def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> dict[str, torch.Tensor]:
     state = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
     if not state:
         raise CheckpointError(f"{path} holds no tensors under {prefix!r}")
+    return state
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict loading, a mismatch reported as a ``CheckpointError`` naming the file."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the networks described in {CONFIG_FILE}: {error}") from None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

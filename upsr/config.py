@@ -66,27 +66,38 @@ class NoiseWeightConfig:
 
 # --- networks, losses, metrics and inference ------------------------------------------------
 
-# basicsr's SwinIR "light" x4 (~0.9M parameters): window 8 and a direct pixel-shuffle upsampler.
-SWINIR_LIGHT_X4 = {
+# The release's aux net g (its network_mse): ATD light x4, 2,532,360 parameters (upsr.atd).
+ATD_LIGHT_X4 = {
     "upscale": 4,
     "in_chans": 3,
     "img_size": 64,
-    "window_size": 8,
-    "img_range": 1.0,
+    "embed_dim": 96,
     "depths": [6, 6, 6, 6],
-    "embed_dim": 60,
-    "num_heads": [6, 6, 6, 6],
-    "mlp_ratio": 2,
+    "num_heads": [4, 4, 4, 4],
+    "window_size": 16,
+    "category_size": 128,
+    "num_tokens": 64,
+    "reducted_dim": 8,
+    "convffn_kernel_size": 7,
+    "img_range": 1.0,
+    "mlp_ratio": 1,
     "upsampler": "pixelshuffledirect",
     "resi_connection": "1conv",
+    "use_checkpoint": False,
 }
 
 
 @dataclass
 class DenoiserConfig:
-    """ResShift's Swin-UNet in pixel space (DESIGN §1); the defaults are the paper's ~119M model."""
+    """ResShift's Swin-UNet in pixel space (DESIGN §1b); the defaults are the release's 119,418,319
+    parameters (its ``network_g``: ``head_channels`` is its ``num_feat``, ``swin_dim`` its
+    ``swin_embed_dim``, ``swin_heads`` its ``swin_embed_dim / num_head_channels``)."""
 
     scale: int = 4  # PixelUnshuffle factor of the first stage; also the SR factor of the head
+    # The LR side the Swin layers are built for (the release's image_size = lq_size): a level
+    # whose map is no larger than the window gets no shift, and shifted blocks store the mask
+    # of this size. Other sizes still run (their masks are computed per call).
+    image_size: int = 64
     model_channels: int = 160
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
@@ -97,18 +108,22 @@ class DenoiserConfig:
     swin_depth: int = 2
     window_size: int = 8
     mlp_ratio: float = 4.0
+    # The shifted blocks' attention mask: "release" reproduces the release's (which separates
+    # tokens only in the bottom row of windows, left from right), "swin" is Swin's own (wrapped
+    # rows and columns kept apart). Weights trained with one rule expect it at inference.
+    shift_mask: Literal["release", "swin"] = "release"
     head_channels: int = 128
     # False gives the ResShift-style baseline: the condition is y alone (48 channels after
     # unshuffling) instead of [g(y), y] (96 channels).
     use_sr_condition: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("model_channels", "num_res_blocks", "norm_groups", "swin_dim", "swin_heads",
+        for name in ("image_size", "model_channels", "num_res_blocks", "norm_groups", "swin_dim", "swin_heads",
                      "swin_depth", "window_size", "head_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.scale < 2 or self.scale & (self.scale - 1):
-            raise ValueError(f"scale must be a power of two >= 2, got {self.scale}")
+        if self.scale != 4:
+            raise ValueError(f"scale must be 4 (the head upsamples twice by 2, as the release's), got {self.scale}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
         for mult in self.channel_mult:
@@ -123,6 +138,9 @@ class DenoiserConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_size % self.lr_multiple:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {self.lr_multiple} "
+                             "(window_size * 2 ** (levels - 1)), so that every level's map tiles into windows")
 
     @property
     def lr_multiple(self) -> int:
@@ -135,17 +153,19 @@ class DenoiserConfig:
 
 @dataclass
 class AuxConfig:
-    """The frozen auxiliary SR net g, any architecture in basicsr's ARCH_REGISTRY."""
+    """The frozen auxiliary SR net g, any architecture in basicsr's ARCH_REGISTRY (plus the
+    release's ATD); the default is the release's ATD light x4."""
 
-    arch: str = "SwinIR"
-    options: dict[str, Any] = field(default_factory=lambda: dict(SWINIR_LIGHT_X4))
+    arch: str = "ATD"
+    options: dict[str, Any] = field(default_factory=lambda: dict(ATD_LIGHT_X4))
     # A basicsr-style checkpoint (.pth with "params"/"params_ema", or .safetensors); None
     # leaves the net randomly initialised, which only tests and smoke runs should do.
     weights: str | None = None
     # Key inside a .pth checkpoint; None picks "params_ema", else "params", else the file itself.
     weights_key: str | None = None
-    # LR sides are reflect-padded to a multiple of this before the net (window attention needs it).
-    pad_multiple: int = 8
+    # LR sides are reflect-padded to a multiple of this before the net (window attention needs
+    # it); 1 leaves sizes to the net: ATD pads itself by mirroring, as the release does.
+    pad_multiple: int = 1
     # Training loss of the aux net itself (train-aux job): l1_weight * L1 + lpips_weight * LPIPS.
     l1_weight: float = 1.0
     lpips_weight: float = 0.0
@@ -198,6 +218,11 @@ class InferenceConfig:
     stride: int = 448
     # Tiles per network call; also how many small (untiled) images of one size share a call.
     tile_batch: int = 4
+    # Images with an LR side above `tile`: "blend" samples the whole image once and splits only
+    # each denoiser call into tiles blended with a cosine window (one prior noise, no seams);
+    # "release" samples every LR tile separately with its own noise and averages the overlaps
+    # uniformly, as the authors' test code does.
+    tiling: Literal["blend", "release"] = "blend"
 
     def __post_init__(self) -> None:
         if self.tile < 1 or self.tile_batch < 1:

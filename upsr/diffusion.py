@@ -164,15 +164,17 @@ class UNWDiffusion:
         w: Weight,
         sampler: Literal["ddim", "ancestral"] = "ddim",
         generator: torch.Generator | None = None,
+        prior_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the reverse process from ``x_T`` and return ``x_0`` clamped to [-1, 1].
 
-        ``denoise_fn(x_t, t, cond)`` is called ``T`` times with the unscaled ``x_t``. All noise
-        comes from ``generator`` (which must live on ``y``'s device) when given.
+        ``denoise_fn(x_t, t, cond)`` is called ``T`` times with the unscaled ``x_t``. ``prior_noise``
+        (standard normal, ``y``'s shape) is the ``eps`` of ``x_T``; all other noise comes from
+        ``generator`` (which must live on ``y``'s device) when given.
         """
         if sampler not in ("ddim", "ancestral"):
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
-        x = self.prior_sample(y, w, generator=generator)
+        x = self.prior_sample(y, w, noise=prior_noise, generator=generator)
         for step in reversed(range(self.num_steps)):
             t = torch.full((y.shape[0],), step, dtype=torch.long, device=y.device)
             x0_hat = denoise_fn(x, t, cond)

@@ -132,24 +132,34 @@ class UPSRPipeline:
         return self
 
     @torch.no_grad()
-    def upscale(self, images: ImageInput, seed: int | None = None) -> np.ndarray | list[np.ndarray] | torch.Tensor:
+    def upscale(self, images: ImageInput, seed: int | None = None,
+                noise: torch.Tensor | None = None) -> np.ndarray | list[np.ndarray] | torch.Tensor:
         """x4 super-resolution of a uint8 HxWx3 array, a list of them, or a float Bx3xhxw tensor in [0, 1].
 
         Returns the same kind: uint8 array(s) or a float tensor on the input's device. ``seed``
         replaces ``inference_config.seed`` for this call; each network call draws its noise
         from a generator seeded with it, so a caller that needs one image's result to be the
         same whatever else is upscaled passes one image and its own seed per call.
+
+        ``noise`` is the prior noise in pixel space (standard normal, Bx3xHxW at the output size
+        4h x 4w, or at the size of the LR padded to ``lr_multiple``): sampling starts from
+        ``x_T = y + kappa sqrt(eta_T) w noise`` in the [-1, 1] convention, so that another
+        implementation's sample can be reproduced (the release draws it as ``PixelShuffle(4)``
+        of its (B, 48, h, w) draw). Noise at the output size is extended over the padding with
+        draws from the seed. It takes one array or a tensor batch, not a list.
         """
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
                 raise ValueError(f"expected a float Bx3xhxw tensor in [0, 1], got {images.dtype} {tuple(images.shape)}")
-            return self._upscale_batch(images.to(self.device, torch.float32), seed).to(images.device)
+            return self._upscale_batch(images.to(self.device, torch.float32), seed, noise).to(images.device)
         single = isinstance(images, np.ndarray)
         arrays = [images] if single else list(images)
         for index, array in enumerate(arrays):
             if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
                 described = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
                 raise ValueError(f"image {index}: expected a uint8 HxWx3 RGB array, got {described}")
+        if noise is not None and not single:
+            raise ValueError("noise= takes one image or a tensor batch, not a list of images")
         outputs: list[np.ndarray | None] = [None] * len(arrays)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, array in enumerate(arrays):
@@ -159,7 +169,7 @@ class UPSRPipeline:
             for first in range(0, len(indices), per_call):
                 chunk = indices[first:first + per_call]
                 lr = torch.from_numpy(np.stack([arrays[i] for i in chunk])).to(self.device)
-                sr = self._upscale_batch(lr.permute(0, 3, 1, 2).float() / 255, seed)
+                sr = self._upscale_batch(lr.permute(0, 3, 1, 2).float() / 255, seed, noise)
                 sr_uint8 = (sr * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 for i, image in zip(chunk, sr_uint8):
                     outputs[i] = image
@@ -169,7 +179,36 @@ class UPSRPipeline:
         padded_side = -(-max(height, width) // self.lr_multiple) * self.lr_multiple
         return padded_side > self.inference_config.tile
 
-    def _upscale_batch(self, lr: torch.Tensor, seed: int | None) -> torch.Tensor:
+    def _upscale_batch(self, lr: torch.Tensor, seed: int | None, noise: torch.Tensor | None) -> torch.Tensor:
+        config = self.inference_config
+        generator = torch.Generator(device=lr.device).manual_seed(config.seed if seed is None else seed)
+        if noise is not None:
+            noise = self._check_noise(noise, lr)
+        if self._needs_tiling(*lr.shape[-2:]) and config.tiling == "release":
+            return self._sample_tiles_separately(lr, generator, noise)
+        return self._sample(lr, generator, noise)
+
+    def _check_noise(self, noise: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = lr.shape
+        if noise.dim() == 3:
+            noise = noise[None]
+        padded = [-(-side // self.lr_multiple) * self.lr_multiple * self.scale for side in (height, width)]
+        allowed = [(batch, 3, height * self.scale, width * self.scale), (batch, 3, *padded)]
+        if not noise.is_floating_point() or tuple(noise.shape) not in allowed:
+            raise ValueError(f"noise must be a float tensor of shape {allowed[0]} (or {allowed[1]}, the padded "
+                             f"size), got {noise.dtype} {tuple(noise.shape)}")
+        return noise.to(lr.device, torch.float32)
+
+    def _prior_noise(self, noise: torch.Tensor | None, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The prior noise at ``y``'s (padded) size: ``noise`` where given, the seed's draws elsewhere."""
+        drawn = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        if noise is None:
+            return drawn
+        drawn[..., : noise.shape[-2], : noise.shape[-1]] = noise
+        return drawn
+
+    def _sample(self, lr: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None) -> torch.Tensor:
+        """The whole (padded) image sampled at once; denoiser calls split into blended tiles when large."""
         height, width = lr.shape[-2:]
         padded = reflect_pad_to_multiple(lr, self.lr_multiple)
         config = self.inference_config
@@ -184,7 +223,33 @@ class UPSRPipeline:
                                        config.tile_batch)
         condition = sr_condition(aux_net, padded, self.weight_config, self.denoiser.config.use_sr_condition,
                                  self.scale)
-        generator = torch.Generator(device=lr.device).manual_seed(config.seed if seed is None else seed)
-        x0 = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight,
-                                   sampler=config.sampler, generator=generator)
+        x0 = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight, sampler=config.sampler,
+                                   generator=generator, prior_noise=self._prior_noise(noise, condition.y, generator))
         return ((x0 + 1) / 2)[..., : height * self.scale, : width * self.scale].clamp(0, 1)
+
+    def _sample_tiles_separately(self, lr: torch.Tensor, generator: torch.Generator,
+                                 noise: torch.Tensor | None) -> torch.Tensor:
+        """The release's tiling: every LR tile sampled on its own, overlaps averaged uniformly.
+
+        Tiles are drawn in row-major order, each with its own prior noise (``noise``'s crop
+        where given); ``tile_batch`` of them share a network call.
+        """
+        config = self.inference_config
+        batch, _, height, width = lr.shape
+        tile_h, tile_w = min(config.tile, height), min(config.tile, width)
+        origins = [(top, left) for top in tile_starts(height, tile_h, config.stride)
+                   for left in tile_starts(width, tile_w, config.stride)]
+        s = self.scale
+        total = lr.new_zeros(batch, 3, height * s, width * s)
+        count = lr.new_zeros(1, 1, height * s, width * s)
+        for first in range(0, len(origins), config.tile_batch):
+            group = origins[first:first + config.tile_batch]
+            crops = torch.cat([lr[:, :, top:top + tile_h, left:left + tile_w] for top, left in group])
+            tile_noise = None
+            if noise is not None:
+                tile_noise = torch.cat([noise[:, :, top * s:(top + tile_h) * s, left * s:(left + tile_w) * s]
+                                        for top, left in group])
+            for (top, left), sr in zip(group, self._sample(crops, generator, tile_noise).split(batch)):
+                total[:, :, top * s:(top + tile_h) * s, left * s:(left + tile_w) * s] += sr
+                count[:, :, top * s:(top + tile_h) * s, left * s:(left + tile_w) * s] += 1
+        return total / count
