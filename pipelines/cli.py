@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
+from pipelines.errors import UserError, interrupt_on_sigterm
 from upsr.typed_config import ConfigError
 
 # subcommand -> (module under pipelines/ defining add_arguments(parser) and run(args), summary).
@@ -56,15 +58,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _execute(run, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `ray job stop` and process managers send SIGTERM: unwind as for Ctrl-C, so that jobs mark
+    # their MLflow runs KILLED instead of leaving them RUNNING.
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()
     try:
         return run(args) or 0
     except (ConfigError, UserError) as error:
         log.error("%s", error)
         return 2
-
-
-class UserError(Exception):
-    """Bad input the user can fix (a path, a flag, a dataset); printed without a traceback."""
+    except KeyboardInterrupt:
+        log.error("interrupted: nothing unfinished was marked finished (a dataset has no manifest yet, a "
+                  "training run is KILLED with its checkpoints kept, the registry is unchanged unless a "
+                  "promotion had completed); run the command again (synth with --overwrite, train with the "
+                  "same --name to resume)")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -23,6 +23,7 @@ from upsr.config import (
     NoiseWeightConfig,
 )
 from tune.config import TuneConfig
+from pipelines.storage import redact_uri
 from upsr.typed_config import load_config, to_dict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -64,6 +65,9 @@ class SynthConfig:
             raise ValueError(f"min_side ({self.min_side}) must not exceed crop_size ({self.crop_size})")
         if not 0 <= self.png_compression <= 9:
             raise ValueError(f"png_compression must be 0..9, got {self.png_compression}")
+        for name in ("max_actors", "actor_cpus", "actor_gpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         bad = [e for e in self.extensions if not e.startswith(".")]
         if bad:
             raise ValueError(f"extensions must start with a dot, got {bad[0]!r}")
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass
@@ -289,5 +295,23 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     return load_config(Config, path, list(overrides))
 
 
+def public_dict(config: Any) -> dict[str, Any]:
+    """``to_dict(config)`` with credentials taken out of every URI-like string (user:password@,
+    query values): what may be written to files, params and logs. The config object itself keeps
+    them for the code that connects."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact_uri(value)
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        if isinstance(value, dict):
+            return {key: scrub(item) for key, item in value.items()}
+        return value
+
+    return scrub(to_dict(config))
+
+
 def to_yaml(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """The config as YAML, credentials taken out (``public_dict``)."""
+    return yaml.safe_dump(public_dict(config), sort_keys=False)

@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         "  and browse to http://127.0.0.1:5000",
         counts["rows"], counts["files_processed"], data, report["checked"], aux.checkpoint_uri,
         upsr_run.checkpoint_uri, model_uri, held_out, showcase[0].shape[1], showcase[0].shape[0],
-        workdir / "side_by_side.png", summary, tracking.tracking_uri(config.mlflow),
-        tracking.tracking_uri(config.mlflow))
+        workdir / "side_by_side.png", summary, storage.redact_uri(tracking.tracking_uri(config.mlflow)),
+        storage.redact_uri(tracking.tracking_uri(config.mlflow)))
     return 0
 
 

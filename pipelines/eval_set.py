@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines import storage
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from pipelines.config import IMAGE_EXTENSIONS, StorageConfig
 from pipelines.dataset import MANIFEST, IncompleteDataset, open_dataset
 

@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 
 from pipelines import config as config_module
 from pipelines import registry, storage
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config, EvaluateConfig, LossConfig
 from pipelines.eval_set import EvalSet, content_hash, open_eval_set, sha256
 from pipelines.ray_env import init_ray
@@ -181,6 +182,9 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     started = time.monotonic()
     try:
         rows = run_inference(model, eval_set, config, lpips, gpus)
+    except KeyboardInterrupt:
+        mlflow_client.set_terminated(run_id, "KILLED")
+        raise
     except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
         log.exception("the evaluation of %s failed", model.label)
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -228,7 +232,8 @@ def start_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set:
               "lpips": lpips.description, "output": out_uri, "gpus_per_actor": gpus,
               **{f"metrics.{k}": v for k, v in to_dict(config.metrics).items()},
               **{f"evaluate.{k}": v for k, v in to_dict(config.evaluate).items()}}
-    mlflow_client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
+    mlflow_client.log_batch(run_id, params=[Param(key, storage.redact_uri(str(value))[:6000])
+                                            for key, value in params.items()])
     if model.model_id:
         from mlflow.entities import LoggedModelInput
 
@@ -270,12 +275,15 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
         "seed": config.inference.seed, "metrics": to_dict(config.metrics),
         # LR-only sets never need LPIPS: building its VGG costs seconds per actor.
         "lpips": lpips.mode if eval_set.has_reference else "off",
-        "lpips_backbone": lpips.backbone, "niqe": settings.niqe, "max_pixels": config.synth.max_pixels,
+        "lpips_backbone": lpips.backbone, "niqe": settings.niqe,
+        # None: each actor's limit is what its device's free memory holds (UPSRPipeline.max_output_pixels).
+        "max_output_pixels": config.inference.max_output_pixels,
         "panel_ids": list(eval_set.ids[:settings.side_by_side]), "threads": max(1, math.ceil(settings.actor_cpus)),
     }
     results = eval_set.ray_dataset().map_batches(
         EvaluateImages,
-        fn_constructor_kwargs={"model_uri": model.load_uri, "tracking_uri": mlflow.get_tracking_uri(),
+        # The tracking URI travels by reference: its credentials stay out of actor specs and logs.
+        fn_constructor_kwargs={"model_uri": model.load_uri, "tracking_uri": ray.put(mlflow.get_tracking_uri()),
                                "location": eval_set.location, "settings": actor_settings},
         batch_size=settings.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=settings.num_actors),
@@ -288,8 +296,11 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
 class EvaluateImages:
     """Actor: loads the model (and LPIPS) once, then upscales and scores one image at a time."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, location: storage.Location, settings: dict[str, Any]):
+    def __init__(self, model_uri: str, tracking_uri: Any, location: storage.Location, settings: dict[str, Any]):
+        import dataclasses
+
         import mlflow
+        import ray
         import torch
 
         import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
@@ -299,9 +310,12 @@ class EvaluateImages:
 
         torch.set_num_threads(settings["threads"])
         # The driver's tracking URI: a relative default would resolve against this worker's folder.
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(ray.get(tracking_uri) if isinstance(tracking_uri, ray.ObjectRef) else tracking_uri)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pipeline = upsr.load(model_uri, device=self.device)
+        if settings["max_output_pixels"] is not None:
+            self.pipeline.inference_config = dataclasses.replace(
+                self.pipeline.inference_config, max_output_pixels=settings["max_output_pixels"])
         self.location = location
         self.settings = settings
         self.metrics_config = from_dict(MetricsConfig, settings["metrics"])
@@ -332,10 +346,12 @@ class EvaluateImages:
             lr_bytes, hr_bytes = self.read(row)
             result["lr_sha256"] = sha256(lr_bytes)
             result["hr_sha256"] = sha256(hr_bytes) if hr_bytes is not None else None
-            lr = decode_rgb(lr_bytes, self.settings["max_pixels"], min_side=1)
-            result["lr_height"], result["lr_width"] = lr.shape[:2]
-            hr = decode_rgb(hr_bytes, self.settings["max_pixels"], min_side=1) if hr_bytes is not None else None
+            # Sized to the x4 output, before decoding: a small file can claim a huge image.
             scale = self.pipeline.scale
+            max_output = self.pipeline.max_output_pixels()
+            lr = decode_rgb(lr_bytes, max_output // scale**2, min_side=1)
+            result["lr_height"], result["lr_width"] = lr.shape[:2]
+            hr = decode_rgb(hr_bytes, max_output, min_side=1) if hr_bytes is not None else None
             if hr is not None and hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
                 raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected x{scale} the LR's "
                                  f"{lr.shape[1]}x{lr.shape[0]}")

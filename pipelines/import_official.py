@@ -21,10 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines import config as config_module
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.synth import add_config_arguments
 
 log = logging.getLogger(__name__)
+
+# Which release files a checkpoint was imported from (names and SHA-256), stored in the folder.
+SOURCE_FILE = "release_source.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,14 +79,15 @@ def import_official(denoiser: Path, aux: Path, options: Path | None, out: Path) 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
     try:
-        save_checkpoint(staging, model.denoiser, model.aux_net, model.diffusion, CheckpointConfig(
-            denoiser=model.denoiser_config, aux=model.aux_config, diffusion=model.diffusion_config,
-            weight=model.weight_config, inference=model.inference_config))
-        (staging / "release_source.json").write_text(json.dumps({
+        source = {
             "denoiser": {"file": denoiser.name, "sha256": file_sha256(denoiser)},
             "aux": {"file": aux.name, "sha256": file_sha256(aux)},
             "options": {"file": options.name, "sha256": file_sha256(options)} if options else None,
-        }, indent=2) + "\n")
+        }
+        save_checkpoint(staging, model.denoiser, model.aux_net, model.diffusion, CheckpointConfig(
+            denoiser=model.denoiser_config, aux=model.aux_config, diffusion=model.diffusion_config,
+            weight=model.weight_config, inference=model.inference_config),
+            extra_files={SOURCE_FILE: (json.dumps(source, indent=2) + "\n").encode()})
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)
@@ -97,7 +102,7 @@ def register(folder: Path, settings, args: argparse.Namespace) -> int:
     from pipelines import tracking
 
     experiment_id = tracking.connect(settings)
-    source = json.loads((folder / "release_source.json").read_text())
+    source = json.loads((folder / SOURCE_FILE).read_text())
     tags = {"job": "import-official", "release.denoiser_sha256": source["denoiser"]["sha256"],
             "release.aux_sha256": source["aux"]["sha256"]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"import-{args.register}", tags=tags)

@@ -36,7 +36,8 @@ from mlflow.exceptions import MlflowException
 
 from pipelines import config as config_module
 from pipelines import registry
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config, PromoteConfig
 from pipelines.eval_set import EvalSet, open_eval_set
 from pipelines.evaluate import (
@@ -234,13 +235,15 @@ def finish(mlflow_client, decision: Decision, config: Config, set_hash: str, eva
             raise UserError(f"@{settings.champion_alias} of {candidate.name} moved to "
                             f"v{holder.version if holder else 'none'} while {candidate.label} was compared with "
                             f"{champion.label if champion else 'no champion'}: nothing changed; run promote again")
-        mlflow_client.set_registered_model_alias(candidate.name, settings.champion_alias, candidate.version)
+        # The predecessor is recorded before the alias moves, so that an interruption between the
+        # two calls cannot leave a champion that --rollback does not know how to undo.
         previous = champion.version if champion else None
         registry.set_version_tags(mlflow_client, candidate.name, candidate.version,
                                   {registry.TAG_PREVIOUS_CHAMPION: previous} if previous else {})
         if previous is None:
             # A version that once replaced another and is now the first champion again has no predecessor.
             delete_tag(mlflow_client, candidate, registry.TAG_PREVIOUS_CHAMPION)
+        mlflow_client.set_registered_model_alias(candidate.name, settings.champion_alias, candidate.version)
     for role, ref in (("candidate", candidate), ("champion", champion)):
         if ref is not None:
             registry.set_version_tags(mlflow_client, ref.name, ref.version,

@@ -8,6 +8,7 @@ import os
 import ray
 
 from pipelines.config import RayConfig
+from pipelines.errors import interrupt_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +27,4 @@ def init_ray(settings: RayConfig) -> None:
         ray.init(address=address)
     else:
         ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False)
+    interrupt_on_sigterm()  # ray.init's own handler would exit without unwinding

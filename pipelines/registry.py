@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.cli import UserError
+from pipelines.errors import UserError
+from pipelines.storage import redact_uri
 from pipelines.config import MlflowConfig
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,14 @@ def client(settings: MlflowConfig) -> MlflowClient:
 def resolve_model(uri: str, settings: MlflowConfig) -> ModelRef:
     """A checkpoint folder, or a registered ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
     if not uri.startswith("models:/"):
-        return ModelRef(uri=uri, load_uri=str(Path(uri).expanduser().resolve()))
+        from upsr.checkpoint import CheckpointError, inspect_checkpoint
+
+        folder = Path(uri).expanduser().resolve()
+        try:  # before Ray starts or a run is opened: a wrong path fails at once
+            inspect_checkpoint(folder)
+        except CheckpointError as error:
+            raise UserError(f"--model {uri}: {error}") from None
+        return ModelRef(uri=uri, load_uri=str(folder))
     return version_ref(resolve_version(client(settings), uri), uri)
 
 
@@ -94,7 +102,8 @@ def resolve_version(mlflow_client: MlflowClient, uri: str) -> ModelVersion:
             return mlflow_client.get_model_version_by_alias(name, alias)
         return mlflow_client.get_model_version(name, version)
     except MlflowException as error:
-        raise UserError(f"{uri}: not in the registry at {mlflow.get_tracking_uri()}: {error.message}") from None
+        raise UserError(f"{uri}: not in the registry at {redact_uri(mlflow.get_tracking_uri())}: "
+                        f"{error.message}") from None
 
 
 def version_ref(version: ModelVersion, uri: str | None = None) -> ModelRef:

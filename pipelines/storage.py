@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -110,9 +111,25 @@ def write_bytes(location: Location, name: str, data: bytes) -> None:
             stream.write(data)
 
 
-def delete_contents(location: Location, first: str | None = None) -> None:
-    """Empty the folder; ``first`` (e.g. a manifest) goes before anything else."""
-    if first and exists(location, first):
-        location.fs.delete_file(location.join(first))
-    if location.fs.get_file_info(location.path).type == pafs.FileType.Directory:
-        location.fs.delete_dir_contents(location.path, missing_dir_ok=True)
+def delete_files(location: Location, names: list[str]) -> None:
+    """Delete these files under the folder, in this order; nothing else."""
+    for name in names:
+        location.fs.delete_file(location.join(name))
+
+
+def overlaps(first: Location, second: Location) -> bool:
+    """Whether one folder is, or lies inside, the other (on the same kind of filesystem)."""
+    if type(first.fs) is not type(second.fs):
+        return False
+    a, b = first.path.rstrip("/") + "/", second.path.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials: no ``user:password@`` and no values of query parameters."""
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc and not parts.query:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, Datasink
@@ -29,16 +30,15 @@ from ray.data import ActorPoolStrategy, Datasink
 from degradations import DegradationConfig, sample
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config
-from pipelines.dataset import MANIFEST, QUARANTINE, SCHEMA_VERSION, SHARD_SCHEMA
+from pipelines.dataset import CONFIG_FILE, MANIFEST, MARKER, QUARANTINE, SCHEMA_VERSION, SHARD_SCHEMA, owned_files
 from pipelines.images import RejectedImage, decode_rgb, derive_seed, encode_png, random_crops
 from pipelines.ray_env import init_ray
 from upsr.typed_config import from_dict, to_dict
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "_config.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,11 +93,7 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
     """Run the synthesis job; returns the manifest it wrote."""
     source = storage.locate(source_uri, config.storage)
     output = storage.locate(output_uri, config.storage)
-    if storage.list_files(output):
-        if not overwrite:
-            raise UserError(f"{output_uri} already holds files; pass --overwrite to replace the dataset")
-        log.info("removing the existing dataset at %s (--overwrite)", output_uri)
-        storage.delete_contents(output, first=MANIFEST)
+    prepare_output(source, output, overwrite)
 
     extensions = tuple(e.lower() for e in config.synth.extensions)
     listing = [info for info in storage.list_files(source) if info.path.lower().endswith(extensions)]
@@ -106,6 +102,9 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
     files = [{"path": info.path, "source": storage.relative(source, info.path)} for info in listing]
     log.info("found %d image files under %s", len(files), source_uri)
 
+    storage.write_bytes(output, MARKER, json.dumps({
+        "writer": "upsr synth", "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": storage.redact_uri(source_uri)}).encode())
     storage.write_bytes(output, CONFIG_FILE, config_module.to_yaml(config).encode())
     init_ray(config.ray)
     synth = config.synth
@@ -126,6 +125,29 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
         raise UserError(f"none of the {len(files)} image files under {source_uri} could be processed; "
                         f"reasons are in {output.child_uri(QUARANTINE)}")
     return sink.manifest
+
+
+def prepare_output(source: storage.Location, output: storage.Location, overwrite: bool) -> None:
+    """Refuse an output that overlaps the input or holds anything but a dataset of ours; with
+    ``overwrite``, delete that dataset's files (the manifest first), and nothing else."""
+    if storage.overlaps(source, output):
+        raise UserError(f"--output {output.uri} and --input {source.uri} overlap (one is, or contains, the other): "
+                        "the output must be a folder of its own")
+    if storage.exists(output) and output.fs.get_file_info(output.path).type != pafs.FileType.Directory:
+        raise UserError(f"--output {output.uri} is a file, not a folder")
+    ours, foreign = owned_files(output)
+    if foreign:
+        raise UserError(f"--output {output.uri} holds files that upsr synth did not write (e.g. {foreign[0]}); "
+                        "choose an empty or new folder" + (" (--overwrite replaces only a dataset of ours)"
+                                                          if overwrite else ""))
+    if not ours:
+        return
+    finished = MANIFEST in ours
+    if not overwrite:
+        raise UserError(f"--output {output.uri} holds {'a dataset' if finished else 'an unfinished dataset'} "
+                        "written by upsr synth; pass --overwrite to replace it")
+    log.info("removing the existing dataset at %s (--overwrite): %d files", output.uri, len(ours))
+    storage.delete_files(output, sorted(ours, key=lambda name: name != MANIFEST))
 
 
 def actor_pool_size(synth: config_module.SynthConfig) -> int:
@@ -284,7 +306,7 @@ class SynthDatasink(Datasink):
             "schema_version": SCHEMA_VERSION,
             "package_version": metadata.version("upsr-ray"),
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": to_dict(self.config),
+            "config": config_module.public_dict(self.config),
             "counts": {
                 "files_seen": self.files_seen,
                 "files_processed": len(processed),

@@ -7,8 +7,10 @@ invocation of a job is its own MLflow run, tagged with the Ray Train run name it
 The model is logged as an MLflow *pyfunc* model whose only artifact is the UPSR checkpoint
 folder (``upsr.checkpoint.save_checkpoint``: safetensors + JSON), not with MLflow's PyTorch
 flavour: that one pickles the module (or tries ``torch.export``), which ties the model to the
-code version that saved it and unpickles on load. The pyfunc wrapper keeps the safe folder
-format, loads with ``upsr.load`` and still gives ``mlflow.pyfunc.load_model`` and serving.
+code version that saved it and unpickles on load. The pyfunc wrapper is logged as code
+(``pipelines/pyfunc_model.py``, MLflow's "models from code"), so nothing is pickled either:
+it keeps the safe folder format, loads with ``upsr.load`` and still gives
+``mlflow.pyfunc.load_model`` and serving.
 
 Importing this module registers a resolver so that ``upsr.load("models:/upsr@challenger")``
 downloads the registered checkpoint folder.
@@ -32,14 +34,15 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import MlflowConfig
+from pipelines.config import MlflowConfig, public_dict
+from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT
 from upsr.checkpoint import register_uri_resolver
-from upsr.typed_config import flatten, to_dict
+from upsr.typed_config import flatten
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 MODEL_NAME_IN_RUN = "model"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
 # MLflow rejects param values longer than this.
@@ -67,9 +70,10 @@ def artifact_location(settings: MlflowConfig, uri: str) -> str | None:
     return None
 
 
-def connect(settings: MlflowConfig) -> str:
-    """Point this process's MLflow client at the configured store; returns the experiment id."""
-    uri = tracking_uri(settings)
+def connect(settings: MlflowConfig, uri: str | None = None) -> str:
+    """Point this process's MLflow client at ``uri`` (default: the configured store); returns the
+    experiment id."""
+    uri = uri or tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(settings.experiment)
     if experiment is not None:
@@ -78,9 +82,10 @@ def connect(settings: MlflowConfig) -> str:
 
 
 def loggable_params(config: Any) -> dict[str, str]:
-    """The flattened resolved config, values of secret-looking keys replaced by ``***``."""
+    """The flattened resolved config, credentials taken out of URIs and values of secret-looking
+    keys replaced by ``***``."""
     params = {}
-    for key, value in flatten(to_dict(config)).items():
+    for key, value in flatten(public_dict(config)).items():
         text = REDACTED if value is not None and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) else str(value)
         params[key] = text[:_MAX_PARAM_LENGTH]
     return params
@@ -140,10 +145,13 @@ def finish_run(settings: MlflowConfig, run_id: str, status: str) -> None:
 
 
 class RunLogger:
-    """What rank 0 logs from inside Ray Train: metrics with their step, and images."""
+    """What rank 0 logs from inside Ray Train: metrics with their step, and images.
 
-    def __init__(self, settings: MlflowConfig, run_id: str):
-        connect(settings)
+    ``uri``: the tracking URI the driver resolved (a worker's own default would differ).
+    """
+
+    def __init__(self, settings: MlflowConfig, run_id: str, uri: str | None = None):
+        connect(settings, uri)
         self.client = MlflowClient()
         self.run_id = run_id
 
@@ -162,27 +170,13 @@ class RunLogger:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
-class UPSRModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of an UPSR checkpoint folder: ``predict`` takes uint8 HxWx3 image(s) and
-    returns the x4 upscaled image(s)."""
-
-    def load_context(self, context) -> None:
-        import upsr
-
-        self.pipeline = upsr.load(context.artifacts[CHECKPOINT_ARTIFACT])
-
-    # np.ndarray is a hint MLflow accepts without inferring a schema from it: image sizes vary.
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        return self.pipeline.upscale(model_input)
-
-
 def log_and_register_model(settings: MlflowConfig, run_id: str, checkpoint_folder: Path) -> int:
     """Log the checkpoint folder as the run's pyfunc model, register it and point the alias at
     the new version; returns the version number."""
     connect(settings)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN, python_model=UPSRModel(),
+            name=MODEL_NAME_IN_RUN, python_model=str(PYFUNC_CODE),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_folder)},
             # Listed rather than inferred: inference would load the model in a subprocess.
             pip_requirements=[f"upsr-ray=={metadata.version('upsr-ray')}"],

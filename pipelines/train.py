@@ -32,7 +32,8 @@ from torch import nn
 
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config
 from pipelines.synth import add_config_arguments
 from pipelines.train_aux import AUX_CONFIG_FILE, AUX_WEIGHTS_FILE, default_run_name, image_grid
@@ -159,7 +160,7 @@ def train_worker(loop_config: dict) -> None:
     from pipelines.training_loop import loop_config as parse_loop_config
     from pipelines.training_loop import worker_loop
 
-    config, _ = parse_loop_config(loop_config)
+    config = parse_loop_config(loop_config)
     init_state = None
     if "init_state" in loop_config:
         import ray

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipelines import config as config_module
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config
 from pipelines.synth import add_config_arguments
 from upsr.typed_config import to_dict
@@ -74,7 +75,7 @@ def train_aux_worker(loop_config: dict) -> None:
     from pipelines.training_loop import loop_config as parse_loop_config
     from pipelines.training_loop import worker_loop
 
-    config, _ = parse_loop_config(loop_config)
+    config = parse_loop_config(loop_config)
     worker_loop(lambda device: AuxTask(config, device), config.aux_train, config, loop_config)
 
 

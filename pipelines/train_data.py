@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import ray
 import torch
 
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from pipelines.config import StorageConfig, TrainDataConfig
 from pipelines.dataset import IncompleteDataset, SynthDataset, open_dataset
 from pipelines.images import decode_png, derive_seed

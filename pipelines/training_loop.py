@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from pipelines.config import Config, TrainConfig
 from pipelines.images import derive_seed
 from pipelines.train_data import TrainingData, augment, iter_batches, open_training_data
@@ -197,7 +198,8 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
             state = restore_training_state(folder, model, ema, optimizer, scheduler, scaler)
         log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint.path)
     trained = ray.train.torch.prepare_model(model, move_to_device=False)
-    logger = RunLogger(config.mlflow, loop_config["mlflow_run_id"]) if rank == 0 else None
+    logger = (RunLogger(config.mlflow, loop_config["mlflow_run_id"], ray.get(loop_config["tracking_uri"]))
+              if rank == 0 else None)
     if logger and checkpoint:
         logger.metrics({"resumed_from_step": state.step}, state.step)
 
@@ -279,7 +281,7 @@ def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainCon
                     latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
                     logger.metrics(latest_validation, step)
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config"],
+                report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config_yaml"],
                        latest_validation)
                 if settings.debug.pid_dir:
                     Path(settings.debug.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -363,12 +365,18 @@ def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, s
 
 def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, config: Config, data_uri: str,
         run_name: str, extra_loop_config: dict[str, Any] | None = None, callbacks: Sequence[Any] = (),
-        run_tags: dict[str, str] | None = None, data: TrainingData | None = None) -> FitResult:
+        run_tags: dict[str, str] | None = None, data: TrainingData | None = None,
+        tracking_uri: str | None = None) -> FitResult:
     """Open the data and the MLflow run, train, and return the last checkpoint.
 
     ``callbacks`` go to Ray Train's RunConfig (``upsr tune`` passes its TuneReportCallback);
     ``run_tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under a search);
-    ``data`` is ``data_uri`` already opened (a search opens and splits it once for all trials).
+    ``data`` is ``data_uri`` already opened (a search opens and splits it once for all trials);
+    ``tracking_uri`` is the MLflow store a search's driver resolved (default: this process's).
+
+    The workers get the config and the tracking URI through Ray's object store, credentials
+    included; everything written (MLflow params, config files, checkpoints) holds the config
+    with credentials taken out (``config.public_dict``).
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -380,7 +388,8 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     init_ray(config.ray)
     # Resolved here, once: the default is a path under the driver's folder, and Ray workers run
     # elsewhere (their own default would point at another database).
-    config = replace(config, mlflow=replace(config.mlflow, tracking_uri=tracking.tracking_uri(config.mlflow)))
+    tracking_uri = tracking_uri or tracking.tracking_uri(config.mlflow)
+    mlflow_settings = replace(config.mlflow, tracking_uri=tracking_uri)
     if settings.use_gpu and not ray.cluster_resources().get("GPU") and not (config.ray.address
                                                                               or os.environ.get("RAY_ADDRESS")):
         raise UserError(f"{job}: use_gpu is true but this local Ray instance has no GPU; "
@@ -394,9 +403,9 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
-    run_id = tracking.start_run(config.mlflow, run_name, config, job, data.dataset.manifest,
+    run_id = tracking.start_run(mlflow_settings, run_name, config, job, data.dataset.manifest,
                                 data.dataset.manifest_hash, config_yaml, run_tags)
-    tracking.log_run_facts(config.mlflow, run_id, {
+    tracking.log_run_facts(mlflow_settings, run_id, {
         "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
         "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
         "checkpoint_storage": f"{storage_uri}/{run_name}"})
@@ -405,8 +414,9 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"config": config_yaml, "mlflow_run_id": run_id, "has_val": data.val is not None,
-                           **(extra_loop_config or {})},
+        train_loop_config={"config": ray.put(config), "config_yaml": config_yaml,
+                           "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
+                           "has_val": data.val is not None, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -418,15 +428,40 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
-        result = trainer.fit()
+        result = in_helper_thread(trainer.fit)
     except ray.train.TrainingFailedError as error:
-        tracking.finish_run(config.mlflow, run_id, "FAILED")
+        tracking.finish_run(mlflow_settings, run_id, "FAILED")
         raise TrainingFailed(f"{job} run {run_name} failed: {worker_errors(error)}") from None
+    except KeyboardInterrupt:
+        # Ctrl-C or `ray job stop`: the run did not finish; its last checkpoint resumes it.
+        tracking.finish_run(mlflow_settings, run_id, "KILLED")
+        raise
     if result.checkpoint is None:
-        tracking.finish_run(config.mlflow, run_id, "FAILED")
+        tracking.finish_run(mlflow_settings, run_id, "FAILED")
         raise TrainingFailed(f"{job} run {run_name} ended without a checkpoint")
     checkpoint_uri = (f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path)
     return FitResult(run_id, result.checkpoint, checkpoint_uri, data)
+
+
+def in_helper_thread(call: Callable[[], Any]) -> Any:
+    """``call()`` in a helper thread while this one waits, so that Ctrl-C and SIGTERM arrive here as
+    KeyboardInterrupt. In the main thread, Ray Train installs its own SIGINT handler, which aborts
+    the run and exits the process without letting the job mark its MLflow run."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001  (re-raised in the waiting thread)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def worker_errors(error: Exception) -> str:
@@ -440,11 +475,8 @@ def worker_errors(error: Exception) -> str:
     return "; ".join(lines)
 
 
-def loop_config(loop_config_dict: dict[str, Any]) -> tuple[Config, str]:
-    """The worker's view of what ``fit`` passed: the typed config and its YAML."""
-    import yaml
+def loop_config(loop_config_dict: dict[str, Any]) -> Config:
+    """The worker's view of what ``fit`` passed: the typed config (from the object store)."""
+    import ray
 
-    from upsr.typed_config import from_dict
-
-    text = loop_config_dict["config"]
-    return from_dict(Config, yaml.safe_load(text), source="train_loop_config"), text
+    return ray.get(loop_config_dict["config"])

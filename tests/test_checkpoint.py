@@ -37,10 +37,8 @@ def test_truncated_weights_are_detected(tiny_checkpoint):
 
 
 def test_weights_that_do_not_fit_the_config_are_detected(tiny_checkpoint):
-    config_path = tiny_checkpoint / "config.json"
-    config = json.loads(config_path.read_text())
-    config["denoiser"]["model_channels"] = 16
-    config_path.write_text(json.dumps(config))
+    edit_config(tiny_checkpoint, lambda c: c["denoiser"].update(model_channels=16))
+    forge(tiny_checkpoint, "config.json")
     with pytest.raises(CheckpointError, match="weights.safetensors does not fit .*config.json"):
         load_checkpoint(tiny_checkpoint)
 
@@ -71,24 +69,65 @@ def test_version_mismatch_and_foreign_folders(tiny_checkpoint, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
-def test_config_values_are_checked_on_load(tiny_checkpoint):
-    config_path = tiny_checkpoint / "config.json"
+def forge(folder, name: str) -> None:
+    """Record ``name``'s current checksum in format.json: a consistent forgery, as someone with
+    write access to the storage could make."""
+    import hashlib
+
+    format_path = folder / "format.json"
+    info = json.loads(format_path.read_text())
+    info["files"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    format_path.write_text(json.dumps(info))
+
+
+def edit_config(folder, edit) -> None:
+    config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["denoiser"]["window_sizes"] = 8
+    edit(config)
     config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("config.json", lambda folder: edit_config(folder, lambda c: c["inference"].update(sampler="ancestral"))),
+    ("config.json", lambda folder: edit_config(folder, lambda c: c["weight"].update(tau=0.5))),
+    ("schedule.json", lambda folder: (folder / "schedule.json").write_text('{"etas": [0.5, 0.9], "kappa": 1.0}')),
+])
+def test_every_file_is_checked_against_its_checksum(tiny_checkpoint, name, edit):
+    edit(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=f"{name} does not match the checksum"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_config_values_are_checked_on_load(tiny_checkpoint):
+    edit_config(tiny_checkpoint, lambda c: c["denoiser"].update(window_sizes=8))
+    forge(tiny_checkpoint, "config.json")
     with pytest.raises(CheckpointError, match="config.json.*window_sizes"):
         load_checkpoint(tiny_checkpoint)
 
 
-def test_a_pickle_in_place_of_the_weights_is_refused_not_unpickled(tiny_checkpoint):
-    import hashlib
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["denoiser"].update(model_channels=20480, norm_groups=32), "denoiser section asks for .* parameters"),
+    (lambda c: c["aux"].update(arch="NoSuchNet"), "aux section does not describe a network.*NoSuchNet"),
+    (lambda c: c["aux"]["options"].update(num_feet=3), "aux section does not describe a network"),
+    (lambda c: c["aux"].update(options={**c["aux"]["options"], "num_feat": 2**20}), "aux section asks for"),
+])
+def test_a_forged_config_fails_before_allocating(tiny_checkpoint, edit, message):
+    edit_config(tiny_checkpoint, edit)
+    forge(tiny_checkpoint, "config.json")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tiny_checkpoint)
 
+
+def test_a_weights_path_in_a_forged_config_is_ignored(tiny_checkpoint):
+    edit_config(tiny_checkpoint, lambda c: c["aux"].update(weights="/nonexistent/aux.pth"))
+    forge(tiny_checkpoint, "config.json")
+    assert load_checkpoint(tiny_checkpoint).upscale(np.zeros((16, 16, 3), np.uint8)).shape == (64, 64, 3)
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_not_unpickled(tiny_checkpoint):
     weights = tiny_checkpoint / "weights.safetensors"
     torch.save({"denoiser.input_conv.weight": torch.zeros(1)}, weights)
-    format_path = tiny_checkpoint / "format.json"
-    info = json.loads(format_path.read_text())
-    info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()  # a consistent forgery
-    format_path.write_text(json.dumps(info))
+    forge(tiny_checkpoint, "weights.safetensors")
     with pytest.raises(CheckpointError, match="weights.safetensors cannot be read"):
         load_checkpoint(tiny_checkpoint)
 

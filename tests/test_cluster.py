@@ -95,14 +95,17 @@ class Stack:
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
-    def submit(self, job_id: str, *args: str, timeout: float = 420) -> dict:
-        """``ray job submit --working-dir .`` of one ``upsr`` job, then wait for its end."""
+    def start(self, job_id: str, *args: str) -> None:
+        """``ray job submit --working-dir . --no-wait`` of one ``upsr`` job."""
         # The uploaded working dir has no .git: the commit travels in the job's environment.
         runtime_env = json.dumps({"env_vars": {"UPSR_GIT_COMMIT": HEAD}})
         submitted = self.ray("job", "submit", "--address", self.dashboard, "--working-dir", ".",
                              "--runtime-env-json", runtime_env, "--submission-id", job_id, "--no-wait", "--",
                              "upsr", *args)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
+
+    def wait(self, job_id: str, timeout: float = 420) -> dict:
+        """The job's final info (SUCCEEDED, FAILED or STOPPED)."""
         deadline = time.monotonic() + timeout
         while True:
             status, body = self.api(f"/api/jobs/{job_id}")
@@ -112,6 +115,12 @@ class Stack:
                 break
             assert time.monotonic() < deadline, f"{job_id} still {info['status']} after {timeout} s"
             time.sleep(1)
+        return info
+
+    def submit(self, job_id: str, *args: str, timeout: float = 420) -> dict:
+        """``ray job submit --working-dir .`` of one ``upsr`` job, then wait for it to succeed."""
+        self.start(job_id, *args)
+        info = self.wait(job_id, timeout)
         if info["status"] != "SUCCEEDED":
             logs = self.ray("job", "logs", "--address", self.dashboard, job_id)
             pytest.fail(f"{job_id}: {info['status']} ({info.get('message')})\n{logs.stdout[-6000:]}")
@@ -142,6 +151,32 @@ def s3_keys(endpoint: str) -> dict[str, bytes | None]:
             small_text = item["Key"].endswith((".yaml", ".json", ".txt", "MLmodel")) and item["Size"] < 1_000_000
             keys[item["Key"]] = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read() if small_text else None
     return keys
+
+
+@pytest.mark.slow
+def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(stack):
+    import boto3
+
+    output = f"s3://{BUCKET}/stopped"
+    client = boto3.client("s3", endpoint_url=stack.exports["AWS_ENDPOINT_URL_S3"])
+
+    def keys() -> set[str]:
+        return {item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="stopped/").get("Contents", [])}
+
+    command = ("synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=24")
+    stack.start("it-stop-synth", *command)
+    deadline = time.monotonic() + 300
+    while not any(re.fullmatch(r"stopped/part-[\w-]+\.parquet", key) for key in keys()):
+        assert time.monotonic() < deadline, "the synth job wrote no shard within 300 s"
+        time.sleep(0.2)
+    stopped = stack.ray("job", "stop", "--address", stack.dashboard, "it-stop-synth")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert stack.wait("it-stop-synth")["status"] == "STOPPED"
+    assert "stopped/_synth.json" in keys() and "stopped/_manifest.json" not in keys()
+    logs = stack.ray("job", "logs", "--address", stack.dashboard, "it-stop-synth").stdout
+    assert "interrupted: nothing unfinished was marked finished" in logs, logs[-3000:]
+    stack.submit("it-stop-synth-rerun", *command, "--overwrite")
+    assert "stopped/_manifest.json" in keys()
 
 
 @pytest.mark.slow
@@ -223,7 +258,8 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
     job_ids = ("it-synth", "it-train-aux", "it-train", "it-evaluate", "it-promote")
     listing = stack.ray("job", "list", "--address", stack.dashboard)
     assert listing.returncode == 0 and all(job_id in listing.stdout for job_id in job_ids)
-    assert listing.stdout.count("status=<JobStatus.SUCCEEDED") == len(job_ids)
+    # ...and the stop test's rerun, which ran before.
+    assert listing.stdout.count("status=<JobStatus.SUCCEEDED") == len(job_ids) + 1
     texts = {"ray job list": listing.stdout + listing.stderr, "job API": stack.api("/api/jobs/")[1]}
     for job_id in job_ids:
         logs = stack.ray("job", "logs", "--address", stack.dashboard, job_id)

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import config as config_module
-from pipelines.cli import UserError, build_parser
+from pipelines.cli import build_parser
+from pipelines.errors import UserError
 from pipelines.dataset import MANIFEST, SCHEMA_VERSION, SHARD_SCHEMA
 from pipelines.eval_set import DATASET, LR_ONLY, PAIRS, open_eval_set
 from pipelines.evaluate import METRICS, summary_uri
@@ -139,7 +140,8 @@ def write_dataset(folder: Path, rows: list[dict]) -> None:
                                  schema=SHARD_SCHEMA)
     pq.write_table(shard, folder / "part-00000-000.parquet")
     manifest = {"schema_version": SCHEMA_VERSION, "shards": [{"file": "part-00000-000.parquet", "rows": len(rows)}],
-                "counts": {"rows": len(rows)}, "columns": SHARD_SCHEMA.names}
+                "counts": {"rows": len(rows)}, "columns": SHARD_SCHEMA.names,
+                "config": config_module.public_dict(config_module.Config())}
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 

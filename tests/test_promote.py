@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import config as config_module
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from tests.support import encode, photo, ray_local  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent

@@ -207,6 +207,14 @@ def test_import_official_end_to_end_and_register(release_files, tmp_path, monkey
         assert loaded.inference_config.tiling == "release"
         torch.testing.assert_close(loaded.upscale(lr, noise=noise), reference.upscale(lr, noise=noise),
                                    rtol=0, atol=1e-6)
+    # The registered pyfunc model is code plus the checkpoint folder: nothing of it is pickled.
+    import mlflow
+
+    downloaded = Path(mlflow.artifacts.download_artifacts("models:/upsr-release/1", dst_path=str(tmp_path / "dl")))
+    assert (downloaded / "MLmodel").exists() and not list(downloaded.rglob("*.pkl"))
+    image = (torch.rand(16, 24, 3) * 255).to(torch.uint8).numpy()
+    served = mlflow.pyfunc.load_model("models:/upsr-release@challenger").predict(image)
+    assert served.shape == (64, 96, 3) and (served == upsr.load(out).upscale(image)).all()
     # An existing folder is refused, and --overwrite replaces only a checkpoint folder of ours.
     arguments = ["import-official", "--denoiser", str(release_files["denoiser"]), "--aux", str(release_files["aux"]),
                  "--options", str(release_files["options"])]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import config as config_module
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from pipelines.dataset import MANIFEST, QUARANTINE, IncompleteDataset, open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import CONFIG_FILE, synthesize

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines import config as config_module
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 from pipelines.dataset import open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import synthesize

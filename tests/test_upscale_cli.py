@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.cli import main
@@ -37,35 +41,104 @@ def test_upscale_files_and_folders(tmp_path, tiny_checkpoint):
     assert np.asarray(Image.open(out / "single.png")).std() > 0
 
 
-def test_bad_inputs_are_named_without_a_traceback(tmp_path, tiny_checkpoint, caplog):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    with caplog.at_level(logging.ERROR):
-        assert main(["upscale", str(broken), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint)]) == 2
-    assert "broken.png: cannot be read as an image" in caplog.text
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small PNG whose header claims another size (a decompression bomb as far as a reader can tell)."""
+    import io
+    import struct
+    import zlib
 
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_bad_files_are_reported_and_every_good_one_is_written(tmp_path, tiny_checkpoint, caplog):
+    inputs = tmp_path / "in"
+    write_photo(inputs / "a.png", 24, 16)
+    (inputs / "b_broken.png").write_bytes(b"not an image")
+    (inputs / "c_huge.png").write_bytes(png_claiming_size(100_000, 100_000))  # 1.6e11 output pixels
+    write_photo(inputs / "d.png", 16, 16)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        assert main(["upscale", str(inputs), "--out", str(out), "--model", str(tiny_checkpoint)]) == 1
+    assert (out / "a.png").exists() and (out / "d.png").exists()
+    failed = {Path(item["input"]).name: item["reason"] for item in json.loads((out / "failed.json").read_text())["failed"]}
+    assert failed.keys() == {"b_broken.png", "c_huge.png"}
+    assert "cannot be read as an image" in failed["b_broken.png"]
+    assert "too large: its x4 output would exceed the pixel limit" in failed["c_huge.png"]
+    assert not list(out.glob(".*partial"))
+    # A configured limit below an image's output refuses it before any work.
+    assert main(["upscale", str(inputs / "a.png"), "--out", str(tmp_path / "o2"), "--model", str(tiny_checkpoint),
+                 "--max-output-pixels", "1000"]) == 1
+    reason = json.loads((tmp_path / "o2" / "failed.json").read_text())["failed"][0]["reason"]
+    assert reason.startswith("too large") and "exceeds max_pixels 62" in reason  # 1000 // 16 LR pixels
+
+
+def test_inputs_are_never_written_over_and_outputs_only_with_overwrite(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "inplace"
+    write_photo(folder / "photo.png", 20, 16)
+    original = (folder / "photo.png").read_bytes()
+    for flags in ([], ["--overwrite"]):
+        assert main(["upscale", str(folder), "--out", str(folder), "--model", str(tiny_checkpoint), *flags]) == 2
+        assert (folder / "photo.png").read_bytes() == original
+
+    out = tmp_path / "out"
+    arguments = ["upscale", str(folder), "--out", str(out), "--model", str(tiny_checkpoint)]
+    assert main(arguments) == 0
+    first = (out / "photo.png").read_bytes()
+    (out / "photo.png").write_bytes(b"an earlier output")
+    assert main(arguments) == 2 and (out / "photo.png").read_bytes() == b"an earlier output"
+    assert main(arguments + ["--overwrite"]) == 0 and (out / "photo.png").read_bytes() == first
+
+
+def test_usage_errors_are_named_before_any_work(tmp_path, tiny_checkpoint, caplog, monkeypatch):
+    write_photo(tmp_path / "ok.png", 16, 16)
+    ok = str(tmp_path / "ok.png")
+    cases = [
+        (["--out", str(tmp_path / "o"), "--model", str(tmp_path)], "format.json is missing"),
+        (["--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--tile", "40", "--stride", "32"],
+         "inference.tile (40) must be a multiple of 16"),
+        (["--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--tile", "32"],
+         "stride 48): stride must be in [1, tile=32]"),
+        (["--out", ok, "--model", str(tiny_checkpoint)], "is a file, not a folder"),
+    ]
+    for arguments, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["upscale", ok, *arguments]) == 2, arguments
+        assert message in caplog.text, (arguments, caplog.text)
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert main(["upscale", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o"),
                      "--model", str(tiny_checkpoint)]) == 2
     assert "missing.png: no such file or folder" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upscale", ok, "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--seed", str(2**64)])
+    assert exit_info.value.code == 2
 
+    # A registered model is looked up in the project's MLflow store (runs/mlflow.db), not ./mlflow.db.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["upscale", ok, "--out", str(tmp_path / "o"), "--model", "models:/upsr@challenger"]) == 2
+    assert "models:/upsr@challenger" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "mlflow.db").exists() and (tmp_path / "runs" / "mlflow.db").exists()
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders: nothing to refuse")
+def test_a_read_only_output_folder_is_refused(tmp_path, tiny_checkpoint):
     write_photo(tmp_path / "ok.png", 16, 16)
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o"),
-                     "--model", str(tmp_path)]) == 2
-    assert "format.json is missing" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o"),
-                     "--model", str(tiny_checkpoint), "--tile", "40", "--stride", "32"]) == 2
-    assert "inference.tile (40) must be a multiple of 16" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(tmp_path / "o"),
-                     "--model", str(tiny_checkpoint), "--tile", "32"]) == 2
-    assert "stride 48): stride must be in [1, tile=32]" in caplog.text
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    assert main(["upscale", str(tmp_path / "ok.png"), "--out", str(locked / "o"), "--model",
+                 str(tiny_checkpoint)]) == 2
 
 
 def test_runs_as_a_module(tmp_path, tiny_checkpoint):

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.cli import UserError, run_job
+from pipelines.cli import run_job
+from pipelines.errors import UserError
 from pipelines.config import Config, MlflowConfig
 from upsr.typed_config import from_dict
 

@@ -30,7 +30,8 @@ from typing import Any
 import ray.tune
 
 from pipelines import config as config_module
-from pipelines.cli import UserError
+from pipelines import storage
+from pipelines.errors import UserError
 from pipelines.config import Config, MlflowConfig, TrainConfig
 from tune.config import VALIDATION_METRICS, TuneConfig
 from tune.space import check_space, param_space, trial_config, trial_overrides
@@ -139,6 +140,7 @@ def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutc
     experiment_path = f"{storage_path}/{name}"
     resumed = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
 
+    # Driver-side MLflow calls use the resolved URI; the config that trials log keeps the user's setting.
     mlflow_settings = replace(config.mlflow, tracking_uri=tracking.tracking_uri(config.mlflow))
     parent_run_id = open_search_run(mlflow_settings, name, config, data.dataset, resumed)
     record_search_facts(mlflow_settings, parent_run_id, config, resources, resumed, {
@@ -148,11 +150,10 @@ def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutc
     cleaner = StoppedTrialCleaner.remote()
     # Paths resolved here: a trial's working folder is not the driver's. The trials' Ray Train
     # runs live in the search's folder, beside Tune's own state.
-    runtime = replace(config, mlflow=mlflow_settings,
-                      train=replace(config.train, storage_path=f"{storage_uri}/{name}/train"))
+    runtime = replace(config, train=replace(config.train, storage_path=f"{storage_uri}/{name}/train"))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, context=SearchContext(
-            runtime, data.dataset.location.uri, data, name, parent_run_id, cleaner)),
+            runtime, data.dataset.location.uri, data, name, parent_run_id, cleaner, mlflow_settings.tracking_uri)),
         {"CPU": settings.driver_cpus})
     log.info("search %s: %s over %s, %s scheduler, objective %s, up to %d trials at once; storage %s/%s",
              name, settings.search_algorithm, describe_space(settings), settings.scheduler,
@@ -257,7 +258,8 @@ def open_search_run(settings: MlflowConfig, name: str, config: Config, dataset, 
                                 "config/resolved.yaml); resume it with that config or start a new --name")
             MlflowClient().update_run(run_id, status="RUNNING")
             return run_id
-        log.warning("search %s: its MLflow run was not found in %s; opening a new one", name, settings.tracking_uri)
+        log.warning("search %s: its MLflow run was not found in %s; opening a new one", name,
+                    storage.redact_uri(settings.tracking_uri))
     return tracking.start_run(settings, name, config, JOB, dataset.manifest, dataset.manifest_hash, config_yaml)
 
 

@@ -9,7 +9,7 @@ these by reference and would otherwise import the whole training stack.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -113,8 +113,8 @@ def trial_worker(loop_config: dict) -> None:
 class SearchContext:
     """What every trial needs besides its sampled point (sent once through the object store)."""
 
-    # The base config with the driver's resolved paths: the MLflow tracking URI and the
-    # trials' Ray Train storage (a trial's working folder is not the driver's).
+    # The base config with the trials' Ray Train storage resolved by the driver (a trial's
+    # working folder is not the driver's).
     config: Config
     data_uri: str
     # The dataset opened and split once (and decoded once, with train_data.materialize).
@@ -122,6 +122,8 @@ class SearchContext:
     search_name: str
     parent_run_id: str
     stopped_trial_cleaner: Any
+    # The MLflow store the driver resolved; kept out of the config, which the trials log.
+    tracking_uri: str
 
 
 def run_trial(point: dict[str, Any], context: SearchContext) -> None:
@@ -139,5 +141,6 @@ def run_trial(point: dict[str, Any], context: SearchContext) -> None:
                  f"{context.search_name}-{trial_id}",
                  extra_loop_config={"stopped_trial_cleaner": context.stopped_trial_cleaner,
                                     "trial_placement_group": ray.util.get_current_placement_group()},
-                 callbacks=[ObjectiveReportCallback(config.tune)], run_tags=tags, data=context.data)
-    tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
+                 callbacks=[ObjectiveReportCallback(config.tune)], run_tags=tags, data=context.data,
+                 tracking_uri=context.tracking_uri)
+    tracking.finish_run(replace(config.mlflow, tracking_uri=context.tracking_uri), result.run_id, "FINISHED")

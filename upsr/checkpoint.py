@@ -3,10 +3,12 @@
     weights.safetensors  denoiser tensors under "denoiser.", aux-net tensors under "aux."
     config.json          the resolved denoiser, aux, diffusion, weight and inference sections
     schedule.json        the etas the model was trained with
-    format.json          format name and version, and the SHA-256 of weights.safetensors
+    format.json          format name and version, and the SHA-256 of every other file
 
-Nothing is unpickled. ``format.json`` is written last, so an interrupted save is detected
-as an incomplete folder. ``upsr.load`` also accepts URIs such as ``models:/upsr@champion``
+Nothing is unpickled, and every file is checked against its SHA-256 before it is read, so a
+changed config (a different sampler, tau or seed) is refused like changed weights. The
+networks' sizes are checked before any memory is allocated for them. ``format.json`` is
+written last, so an interrupted save is detected as an incomplete folder. ``upsr.load`` also accepts URIs such as ``models:/upsr@champion``
 through resolvers that other packages register (``register_uri_resolver``), so this library
 never imports a tracking client itself.
 """
@@ -41,6 +43,10 @@ SCHEDULE_FILE = "schedule.json"
 FORMAT_FILE = "format.json"
 DENOISER_PREFIX = "denoiser."
 AUX_PREFIX = "aux."
+# Ten times the paper's denoiser and aux net together: a config asking for more is refused
+# before anything is allocated (a tampered or mistyped model_channels would otherwise take
+# the machine's memory).
+MAX_PARAMETERS = 1_250_000_000
 
 UriResolver = Callable[[str], "str | Path"]
 _URI_RESOLVERS: dict[str, UriResolver] = {}
@@ -85,8 +91,11 @@ def resolve_checkpoint_path(path_or_uri: str | Path) -> Path:
 
 
 def save_checkpoint(folder: str | Path, denoiser: nn.Module, aux_net: nn.Module, diffusion: UNWDiffusion,
-                    config: CheckpointConfig) -> Path:
-    """Write the checkpoint folder (created if needed; existing checkpoint files are replaced)."""
+                    config: CheckpointConfig, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write the checkpoint folder (created if needed; existing checkpoint files are replaced).
+
+    ``extra_files`` (name -> content) are stored beside the others and covered by the checksums.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FORMAT_FILE).unlink(missing_ok=True)  # the folder is incomplete until format.json is back
@@ -98,8 +107,11 @@ def save_checkpoint(folder: str | Path, denoiser: nn.Module, aux_net: nn.Module,
     stored = replace(config, aux=replace(config.aux, weights=None, weights_key=None))
     _write_json(folder / CONFIG_FILE, to_dict(stored))
     _write_json(folder / SCHEDULE_FILE, {"etas": diffusion.etas.tolist(), "kappa": diffusion.kappa})
+    for name, content in (extra_files or {}).items():
+        (folder / name).write_bytes(content)
+    names = [WEIGHTS_FILE, CONFIG_FILE, SCHEDULE_FILE, *(extra_files or {})]
     _write_json(folder / FORMAT_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                                       "weights_sha256": file_sha256(folder / WEIGHTS_FILE)})
+                                       "files": {name: file_sha256(folder / name) for name in names}})
     return folder
 
 
@@ -114,8 +126,9 @@ class StoredCheckpoint:
     aux_state: dict[str, torch.Tensor]
 
 
-def read_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
-    """The configs, schedule and tensors of a checkpoint folder (or a URI a resolver maps to one)."""
+def inspect_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
+    """A checkpoint folder checked without loading its tensors: format, every file's checksum,
+    the config and schedule. ``denoiser_state`` and ``aux_state`` are left empty."""
     folder = resolve_checkpoint_path(path_or_uri)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder (it does not exist or is a file)")
@@ -129,13 +142,21 @@ def read_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
     if format_info.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / FORMAT_FILE}: format version {format_info.get('version')!r} is not "
                               f"supported by this code (it reads version {FORMAT_VERSION})")
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"{weights_path} is missing")
-    if file_sha256(weights_path) != format_info.get("weights_sha256"):
-        raise CheckpointError(f"{weights_path} does not match the checksum in {FORMAT_FILE}: "
-                              "the file was truncated or modified after saving")
-
+    checksums = format_info.get("files")
+    if not isinstance(checksums, dict):
+        raise CheckpointError(f"{folder / FORMAT_FILE} lists no file checksums")
+    for name in (WEIGHTS_FILE, CONFIG_FILE, SCHEDULE_FILE):
+        if name not in checksums:
+            raise CheckpointError(f"{folder / FORMAT_FILE} has no checksum for {name}")
+    for name, expected in checksums.items():
+        path = folder / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{folder / FORMAT_FILE} names {name!r}, not a file of this folder")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match the checksum in {FORMAT_FILE}: "
+                                  "the file was truncated or modified after saving")
     try:
         config = from_dict(CheckpointConfig, _read_json(folder / CONFIG_FILE), source=str(folder / CONFIG_FILE))
     except ConfigError as error:
@@ -148,19 +169,30 @@ def read_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
     if diffusion.num_steps != config.diffusion.steps:
         raise CheckpointError(f"{folder / SCHEDULE_FILE} has {diffusion.num_steps} etas but "
                               f"{CONFIG_FILE} says diffusion.steps = {config.diffusion.steps}")
+    return StoredCheckpoint(folder, config, diffusion, {}, {})
+
+
+def read_checkpoint(path_or_uri: str | Path) -> StoredCheckpoint:
+    """The configs, schedule and tensors of a checkpoint folder (or a URI a resolver maps to one)."""
+    stored = inspect_checkpoint(path_or_uri)
+    weights_path = stored.folder / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path} cannot be read: {error}") from None
-    return StoredCheckpoint(folder, config, diffusion, _with_prefix(tensors, DENOISER_PREFIX, weights_path),
-                            _with_prefix(tensors, AUX_PREFIX, weights_path))
+    stored.denoiser_state = _with_prefix(tensors, DENOISER_PREFIX, weights_path)
+    stored.aux_state = _with_prefix(tensors, AUX_PREFIX, weights_path)
+    return stored
 
 
 def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu") -> UPSRPipeline:
     """The pipeline stored in a checkpoint folder (or a URI a registered resolver maps to one)."""
     stored = read_checkpoint(path_or_uri)
-    denoiser = build_denoiser(stored.config.denoiser)
-    aux_net = build_aux_net(stored.config.aux)
+    config_path = stored.folder / CONFIG_FILE
+    denoiser = build_within_limit(build_denoiser, stored.config.denoiser, config_path, "denoiser")
+    # The aux weights are in weights.safetensors: a path in the config would point elsewhere.
+    aux_config = replace(stored.config.aux, weights=None, weights_key=None)
+    aux_net = build_within_limit(build_aux_net, aux_config, config_path, "aux")
     weights_path = stored.folder / WEIGHTS_FILE
     load_state(denoiser, stored.denoiser_state, weights_path)
     load_state(aux_net, stored.aux_state, weights_path)
@@ -168,6 +200,23 @@ def load_checkpoint(path_or_uri: str | Path, device: torch.device | str = "cpu")
         module.requires_grad_(False)
     pipeline = UPSRPipeline(denoiser, aux_net, stored.diffusion, stored.config.weight, stored.config.inference)
     return pipeline.to(device)
+
+
+def build_within_limit(build: Callable[[Any], nn.Module], config: Any, path: Path, section: str) -> nn.Module:
+    """``build(config)``, after counting its parameters on the meta device (no memory) against
+    ``MAX_PARAMETERS``; a config that cannot be built is a ``CheckpointError`` naming the section."""
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in build(config).parameters())
+        if parameters > MAX_PARAMETERS:
+            raise CheckpointError(f"{path}: the {section} section asks for {parameters:,} parameters, more than "
+                                  f"{MAX_PARAMETERS:,}: refusing to allocate it")
+        return build(config)
+    except (ValueError, TypeError, KeyError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the {section} section does not describe a network this code builds: "
+                              f"{error}") from None
 
 
 def is_checkpoint_folder(folder: Path) -> bool:

@@ -124,6 +124,12 @@ class DenoiserConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scale != 4:
             raise ValueError(f"scale must be 4 (the head upsamples twice by 2, as the release's), got {self.scale}")
+        # Bounds on the module count (the parameter count is checked where networks are built).
+        for name, bound in (("num_res_blocks", 32), ("swin_depth", 32)):
+            if getattr(self, name) > bound:
+                raise ValueError(f"{name} must be <= {bound}, got {getattr(self, name)}")
+        if len(self.channel_mult) > 8:
+            raise ValueError(f"channel_mult may have at most 8 levels, got {len(self.channel_mult)}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
         for mult in self.channel_mult:
@@ -223,9 +229,16 @@ class InferenceConfig:
     # "release" samples every LR tile separately with its own noise and averages the overlaps
     # uniformly, as the authors' test code does.
     tiling: Literal["blend", "release"] = "blend"
+    # Largest output (HR) image in pixels; None: what the device's free memory holds now
+    # (UPSRPipeline.max_output_pixels). Larger images are refused before any work.
+    max_output_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.tile < 1 or self.tile_batch < 1:
             raise ValueError("tile and tile_batch must be >= 1")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.max_output_pixels is not None and self.max_output_pixels < 1:
+            raise ValueError(f"max_output_pixels must be >= 1 or null, got {self.max_output_pixels}")
         if not 1 <= self.stride <= self.tile:
             raise ValueError(f"stride must be in [1, tile={self.tile}], got {self.stride}")

@@ -10,6 +10,7 @@ a tiled run matches an untiled one away from the network's receptive-field effec
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,24 @@ from upsr.denoiser import make_denoise_fn
 from upsr.diffusion import DenoiseFn, UNWDiffusion
 
 ImageInput = np.ndarray | Sequence[np.ndarray] | torch.Tensor
+
+# Memory an image needs per output pixel beyond the networks' per-tile activations: the growth
+# of peak RSS per output pixel measured by benchmarks/upscale_memory.py (141-152 bytes for
+# "blend", 23-32 for "release"; benchmarks/README.md), rounded up. "blend" keeps about 35
+# float32 maps at the full size while sampling (x_t, y, g(y), w, the condition, blending
+# buffers, temporaries); "release" only its accumulators and the input.
+BYTES_PER_OUTPUT_PIXEL = {"blend": 160, "release": 48}
+
+
+class ImageTooLarge(ValueError):
+    """An image whose output would not fit the pixel limit; raised before any work on it."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now: the GPU's for a CUDA device, else the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -151,6 +170,7 @@ class UPSRPipeline:
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
                 raise ValueError(f"expected a float Bx3xhxw tensor in [0, 1], got {images.dtype} {tuple(images.shape)}")
+            self.check_size(images.shape[0] * images.shape[2], images.shape[3])
             return self._upscale_batch(images.to(self.device, torch.float32), seed, noise).to(images.device)
         single = isinstance(images, np.ndarray)
         arrays = [images] if single else list(images)
@@ -160,6 +180,8 @@ class UPSRPipeline:
                 raise ValueError(f"image {index}: expected a uint8 HxWx3 RGB array, got {described}")
         if noise is not None and not single:
             raise ValueError("noise= takes one image or a tensor batch, not a list of images")
+        for array in arrays:
+            self.check_size(*array.shape[:2])
         outputs: list[np.ndarray | None] = [None] * len(arrays)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, array in enumerate(arrays):
@@ -174,6 +196,22 @@ class UPSRPipeline:
                 for i, image in zip(chunk, sr_uint8):
                     outputs[i] = image
         return outputs[0] if single else outputs
+
+    def max_output_pixels(self) -> int:
+        """``inference.max_output_pixels``, or as many output pixels as free memory holds now."""
+        config = self.inference_config
+        if config.max_output_pixels is not None:
+            return config.max_output_pixels
+        return free_memory(self.device) // BYTES_PER_OUTPUT_PIXEL[config.tiling]
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ``ImageTooLarge`` when an LR image of this size would exceed the output limit."""
+        output = height * width * self.scale**2
+        limit = self.max_output_pixels()
+        if output > limit:
+            raise ImageTooLarge(f"{width}x{height} would upscale to {width * self.scale}x{height * self.scale} = "
+                                f"{output:,} pixels, more than the {limit:,} allowed "
+                                "(inference.max_output_pixels, default: what free memory holds)")
 
     def _needs_tiling(self, height: int, width: int) -> bool:
         padded_side = -(-max(height, width) // self.lr_multiple) * self.lr_multiple
