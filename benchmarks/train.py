@@ -89,13 +89,13 @@ def ray_train(root: Path, data_uri: str, workers: int, global_batch: int, steps:
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
-    from pipelines.train import train_worker
+    from pipelines.train import TRAIN
     from pipelines.training_loop import fit
 
     config = tiny_config(root, [f"train.num_workers={workers}", f"train.batch_size={global_batch // workers}",
                                 f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1",
                                 f"train.validate_every={steps + 1}", "train.cpus_per_worker=1"])
-    result = fit("train", train_worker, config.train, config, data_uri, f"bench-{workers}-workers")
+    result = fit(TRAIN, config, data_uri, f"bench-{workers}-workers")
     tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
     client = MlflowClient()
 

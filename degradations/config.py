@@ -8,13 +8,16 @@ user coming from basicsr recognises them; a trailing ``2`` means the second stag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
-@dataclass
+# The project's config-section policy (upsr.config_loader.SECTION): unknown keys and NaN/inf refused.
+@dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False, strict=True))
 class DegradationConfig:
     scale: int = 4
     # Where and with what the degradation runs. "opencv": OpenCV filtering and a real JPEG

@@ -6,11 +6,12 @@ overrides single keys. The resolved tree is written beside every output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic.dataclasses import dataclass
 
 from degradations.config import DegradationConfig
 from upsr.config import (
@@ -22,14 +23,13 @@ from upsr.config import (
     MetricsConfig,
     NoiseWeightConfig,
 )
-from tune.config import TuneConfig
 from pipelines.storage import redact_uri
-from upsr.typed_config import load_config, to_dict
+from upsr.config_loader import SECTION, from_dict, load_config, to_dict, yaml_load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class SynthConfig:
     seed: int = 0
     crop_size: int = 256
@@ -73,14 +73,14 @@ class SynthConfig:
             raise ValueError(f"extensions must start with a dot, got {bad[0]!r}")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class StorageConfig:
     # S3-compatible endpoint (MinIO, moto, ...); None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS.
     s3_endpoint: str | None = None
     s3_region: str | None = None
 
 
-@dataclass
+@dataclass(config=SECTION)
 class RayConfig:
     # None: RAY_ADDRESS if set, else a fresh local instance.
     address: str | None = None
@@ -88,7 +88,7 @@ class RayConfig:
     num_cpus: int | None = None
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainDebugConfig:
     """Test and debugging knobs of the training jobs; leave them empty in real runs."""
 
@@ -99,7 +99,7 @@ class TrainDebugConfig:
     pid_dir: str | None = None
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainConfig:
     """Ray Train settings of ``upsr train`` (the diffusion); defaults are the paper's values.
 
@@ -163,7 +163,7 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class AuxTrainConfig(TrainConfig):
     """Ray Train settings of ``upsr train-aux`` (the auxiliary SR net, L1 + optional LPIPS).
 
@@ -176,7 +176,7 @@ class AuxTrainConfig(TrainConfig):
     warmup_steps: int = 1000
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainDataConfig:
     """How both training jobs read a synthesised dataset."""
 
@@ -199,7 +199,7 @@ class TrainDataConfig:
             raise ValueError("shuffle_buffer and prefetch_batches must be >= 0")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class MlflowConfig:
     # None: MLFLOW_TRACKING_URI if set, else sqlite:///<runs/mlflow.db under the start folder>.
     tracking_uri: str | None = None
@@ -211,7 +211,7 @@ class MlflowConfig:
     alias: str = "challenger"
 
 
-@dataclass
+@dataclass(config=SECTION)
 class EvaluateConfig:
     """``upsr evaluate``: batch inference over an eval set in a Ray Data actor pool."""
 
@@ -240,7 +240,7 @@ class EvaluateConfig:
             raise ValueError("actor_cpus, actor_gpus and side_by_side must be >= 0")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class PromoteConfig:
     """``upsr promote``: when a candidate replaces the champion."""
 
@@ -263,7 +263,7 @@ class PromoteConfig:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class Config:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -280,7 +280,6 @@ class Config:
     aux_train: AuxTrainConfig = field(default_factory=AuxTrainConfig)
     train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
 
@@ -291,8 +290,13 @@ class Config:
             raise ValueError(f"synth.crop_size {self.synth.crop_size} is not a multiple of degradation.scale")
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    return load_config(Config, path, list(overrides))
+def load(paths: str | Path | list[str | Path] | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then each file (with its ``base:`` files) in order, then ``--set`` overrides."""
+    return load_config(Config, paths, list(overrides))
+
+
+def from_yaml(text: str, source: str = "config") -> Config:
+    return from_dict(Config, yaml_load(text) or {}, source=source)
 
 
 def public_dict(config: Any) -> dict[str, Any]:

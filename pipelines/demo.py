@@ -29,7 +29,7 @@ from degradations import Degrader, sample
 from pipelines import config as config_module
 from pipelines import storage
 from pipelines import tracking
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.dataset import open_dataset
 from pipelines.images import decode_png, derive_seed, encode_png
 from pipelines.synth import add_config_arguments, export_sample_photos, synthesize
@@ -49,7 +49,8 @@ SHOWCASE_SIZE = 384
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where the demo writes (default: runs/demo)")
     add_config_arguments(parser)
-    parser.set_defaults(config="configs/tiny.yaml")
+    # --config files given are merged over the tiny config, which the demo is sized for.
+    parser.set_defaults(config=["configs/tiny.yaml"])
 
 
 def run(args: argparse.Namespace) -> int:

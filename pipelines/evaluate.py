@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,6 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +42,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import config as config_module
-from pipelines import registry, storage
-from pipelines.cli import run_job
+from pipelines import registry, storage, tracking
+from pipelines.entry import run_job
 from pipelines.errors import UserError
-from pipelines.config import Config, EvaluateConfig, LossConfig
-from pipelines.eval_set import EvalSet, content_hash, open_eval_set, sha256
+from pipelines.config import Config, EvaluateConfig
+from pipelines.eval_actor import EvaluateImages
+from pipelines.eval_contract import (
+    ACTOR_SCHEMA,
+    FULL_REFERENCE,
+    JOB,
+    METRICS,
+    METRICS_VERSION,
+    PANEL_COLUMN,
+    RESULT_SCHEMA,
+    UNAVAILABLE_NO_REFERENCE,
+    Evaluation,
+    LpipsSetting,
+    completeness_problems,
+    lpips_setting,
+    settings_hash,
+    summary_uri,
+    table_content_hash,
+)
+from pipelines.eval_set import EvalSet, open_eval_set
 from pipelines.ray_env import init_ray
 from pipelines.synth import add_config_arguments
-from upsr.typed_config import to_dict
+from upsr.config_loader import to_dict
 
 log = logging.getLogger(__name__)
-
-JOB = "evaluate"
-# Bump when an image's numbers change for the same model, image and settings (a metric's
-# definition, the seeding): stored evaluations of another version are then not reused.
-METRICS_VERSION = 1
-# metric -> higher is better
-METRICS = {"psnr": True, "ssim": True, "lpips": False, "lr_consistency": True, "niqe": False}
-FULL_REFERENCE = ("psnr", "ssim", "lpips")
-UNAVAILABLE_NO_REFERENCE = {
-    "musiq": "needs pretrained network weights, which this project neither ships nor downloads",
-    "clipiqa": "needs pretrained CLIP weights, which this project neither ships nor downloads",
-}
-# Side-by-side panels of large images show the centre, at most this many HR pixels square.
-PANEL_SIDE = 512
-# LPIPS on a random trunk must at least be the same random trunk in every actor and run.
-RANDOM_LPIPS_SEED = 0
-
-RESULT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("lr_width", pa.int32()), ("lr_height", pa.int32()),
-    ("lr_sha256", pa.string()), ("hr_sha256", pa.string()), ("seed", pa.int64()),
-    *((name, pa.float64()) for name in METRICS),
-    ("seconds", pa.float64()), ("error", pa.string()),
-])
-PANEL_COLUMN = "panel_png"
-ACTOR_SCHEMA = RESULT_SCHEMA.append(pa.field(PANEL_COLUMN, pa.binary()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,67 +91,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if evaluation.complete else 1
 
 
-@dataclass
-class LpipsSetting:
-    """How LPIPS is computed here: with pretrained VGG16 weights, a seeded random trunk, or not at all."""
-
-    mode: str  # "pretrained", "random" or "off"
-    backbone: str | None
-    description: str
-
-
-def lpips_setting(loss: LossConfig) -> LpipsSetting:
-    """Decided once on the driver, so every actor computes LPIPS the same way (or none does)."""
-    from upsr.losses import default_vgg16_path
-
-    path = Path(loss.lpips_backbone) if loss.lpips_backbone else default_vgg16_path()
-    if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return LpipsSetting("pretrained", str(path), f"VGG16 {path.name} (sha256 {digest.hexdigest()[:16]})")
-    if loss.allow_random_backbone:
-        return LpipsSetting("random", None, "randomly initialised VGG16 trunk (loss.allow_random_backbone; no "
-                                            "weights at " f"{path}): LPIPS values are not meaningful, only "
-                                            "comparable between evaluations made the same way")
-    return LpipsSetting("off", None, f"no VGG16 weights at {path}: set loss.lpips_backbone to torchvision's "
-                                     "vgg16-397923af.pth")
-
-
-def settings_hash(config: Config, lpips: LpipsSetting) -> str:
-    """What besides the model and the images decides an image's numbers; part of the reuse key."""
-    settings = {"metrics_version": METRICS_VERSION, "metrics": to_dict(config.metrics),
-                "seed": config.inference.seed, "lpips": lpips.description if lpips.mode != "off" else "off",
-                "niqe": config.evaluate.niqe}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class Evaluation:
-    """One model's per-image results on an eval set; ``complete`` when every image was evaluated."""
-
-    table: pa.Table
-    summary: dict[str, Any]
-    complete: bool
-    run_id: str | None = None
-    problems: list[str] = field(default_factory=list)
-    reused: bool = False
-
-    @property
-    def set_hash(self) -> str | None:
-        return self.summary.get("eval_set", {}).get("hash")
-
-
 def default_output(model: registry.ModelRef, output_dir: str) -> str:
     folder = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}-{model.slug}"
     if storage.is_s3(output_dir):
         return f"{output_dir.rstrip('/')}/{folder}/metrics.parquet"
     return str(Path(output_dir, folder, "metrics.parquet").resolve())
-
-
-def summary_uri(table_uri: str) -> str:
-    return table_uri[: -len(".parquet")] + ".summary.json"
 
 
 def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_uri: str | None = None) -> Evaluation:
@@ -175,7 +110,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     settings = settings_hash(config, lpips)
     init_ray(config.ray)
     gpus = actor_gpus(config.evaluate)
-    mlflow_client = registry.client(config.mlflow)
+    mlflow_client = tracking.client(config.mlflow)
     run_id = start_run(mlflow_client, config, model, eval_set, lpips, settings, out_uri, gpus)
     log.info("evaluating %s on %s (%s, %d images); MLflow run %s", model.label, eval_set.uri, eval_set.layout,
              len(eval_set.ids), run_id)
@@ -188,7 +123,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
         log.exception("the evaluation of %s failed", model.label)
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        mlflow_client.set_tag(run_id, registry.EVAL_TAG + "error", reason[:5000])
+        mlflow_client.set_tag(run_id, tracking.EVAL_TAG + "error", reason[:5000])
         mlflow_client.set_terminated(run_id, "FAILED")
         summary = {"complete": False, "error": reason, "model": model_summary(model), "mlflow_run_id": run_id}
         return Evaluation(RESULT_SCHEMA.empty_table(), summary, complete=False, run_id=run_id,
@@ -220,11 +155,11 @@ def start_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set:
     from pipelines import tracking
 
     experiment_id = tracking.connect(config.mlflow)
-    tags = {"job": JOB, registry.TAG_MODEL_URI: model.load_uri, registry.TAG_SETTINGS_HASH: settings,
-            registry.EVAL_TAG + "layout": eval_set.layout, registry.EVAL_TAG + "lpips": lpips.mode,
-            registry.TAG_COMPLETE: "false"}
+    tags = {"job": JOB, tracking.TAG_MODEL_URI: model.load_uri, tracking.TAG_SETTINGS_HASH: settings,
+            tracking.EVAL_TAG + "layout": eval_set.layout, tracking.EVAL_TAG + "lpips": lpips.mode,
+            tracking.TAG_COMPLETE: "false"}
     if model.version:
-        tags |= {registry.TAG_MODEL_NAME: model.name, registry.TAG_MODEL_VERSION: model.version}
+        tags |= {tracking.TAG_MODEL_NAME: model.name, tracking.TAG_MODEL_VERSION: model.version}
     run = mlflow_client.create_run(experiment_id, run_name=f"evaluate-{model.slug}", tags=tags)
     run_id = run.info.run_id
     params = {"model": model.uri, "model_loaded": model.load_uri, "eval_set": eval_set.uri,
@@ -291,141 +226,6 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
     blocks = ray.get(results.to_arrow_refs())
     return pa.concat_tables([block.select(ACTOR_SCHEMA.names).cast(ACTOR_SCHEMA) for block in blocks]) \
         if blocks else ACTOR_SCHEMA.empty_table()
-
-
-class EvaluateImages:
-    """Actor: loads the model (and LPIPS) once, then upscales and scores one image at a time."""
-
-    def __init__(self, model_uri: str, tracking_uri: Any, location: storage.Location, settings: dict[str, Any]):
-        import dataclasses
-
-        import mlflow
-        import ray
-        import torch
-
-        import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
-        import upsr
-        from upsr.config import MetricsConfig
-        from upsr.typed_config import from_dict
-
-        torch.set_num_threads(settings["threads"])
-        # The driver's tracking URI: a relative default would resolve against this worker's folder.
-        mlflow.set_tracking_uri(ray.get(tracking_uri) if isinstance(tracking_uri, ray.ObjectRef) else tracking_uri)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipeline = upsr.load(model_uri, device=self.device)
-        if settings["max_output_pixels"] is not None:
-            self.pipeline.inference_config = dataclasses.replace(
-                self.pipeline.inference_config, max_output_pixels=settings["max_output_pixels"])
-        self.location = location
-        self.settings = settings
-        self.metrics_config = from_dict(MetricsConfig, settings["metrics"])
-        self.panel_ids = set(settings["panel_ids"])
-        self.lpips = None
-        if settings["lpips"] != "off":
-            from upsr.losses import build_lpips
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_LPIPS_SEED)
-                self.lpips = build_lpips(settings["lpips_backbone"], settings["lpips"] == "random").to(self.device)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.evaluate_one(row) for row in batch.to_pylist()], schema=ACTOR_SCHEMA)
-
-    def read(self, row: dict[str, Any]) -> tuple[bytes, bytes | None]:
-        if "lr_png" in row:
-            return row["lr_png"], row["hr_png"]
-        hr = storage.read_bytes(self.location, row["hr_path"]) if row.get("hr_path") else None
-        return storage.read_bytes(self.location, row["lr_path"]), hr
-
-    def evaluate_one(self, row: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.images import RejectedImage, decode_rgb, derive_seed
-
-        image_id = row["id"]
-        result: dict[str, Any] = {"id": image_id, "seed": derive_seed(self.settings["seed"], JOB, image_id)}
-        try:
-            lr_bytes, hr_bytes = self.read(row)
-            result["lr_sha256"] = sha256(lr_bytes)
-            result["hr_sha256"] = sha256(hr_bytes) if hr_bytes is not None else None
-            # Sized to the x4 output, before decoding: a small file can claim a huge image.
-            scale = self.pipeline.scale
-            max_output = self.pipeline.max_output_pixels()
-            lr = decode_rgb(lr_bytes, max_output // scale**2, min_side=1)
-            result["lr_height"], result["lr_width"] = lr.shape[:2]
-            hr = decode_rgb(hr_bytes, max_output, min_side=1) if hr_bytes is not None else None
-            if hr is not None and hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
-                raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected x{scale} the LR's "
-                                 f"{lr.shape[1]}x{lr.shape[0]}")
-            started = time.perf_counter()
-            sr = self.pipeline.upscale(lr, seed=result["seed"])
-            result["seconds"] = time.perf_counter() - started
-            result |= self.score(lr, sr, hr)
-            if image_id in self.panel_ids:
-                result[PANEL_COLUMN] = side_by_side(lr, sr, hr, scale)
-        except (RejectedImage, ValueError, OSError) as error:
-            log.warning("image %s: %s", image_id, error)
-            result["error"] = f"{type(error).__name__}: {error}"
-        except Exception as error:  # noqa: BLE001  (one image's failure is recorded, the rest go on)
-            log.exception("image %s failed", image_id)
-            result["error"] = f"{type(error).__name__}: {error}"
-        return result
-
-    def score(self, lr: np.ndarray, sr: np.ndarray, hr: np.ndarray | None) -> dict[str, float | None]:
-        from upsr.metrics import NIQE_MIN_SIDE, full_reference_metrics, lr_consistency, niqe
-
-        lr_t, sr_t = to_tensor(lr, self.device), to_tensor(sr, self.device)
-        scores: dict[str, float | None] = {"lr_consistency": float(lr_consistency(sr_t, lr_t, self.metrics_config))}
-        if self.settings["niqe"] and min(sr.shape[:2]) >= NIQE_MIN_SIDE:
-            value = float(niqe(sr_t, self.metrics_config))
-            scores["niqe"] = value if math.isfinite(value) else None
-        if hr is not None:
-            full = full_reference_metrics(sr_t, to_tensor(hr, self.device), self.metrics_config, self.lpips)
-            scores |= {name: float(value) for name, value in full.items()}
-        return scores
-
-
-def to_tensor(image: np.ndarray, device):
-    import torch
-
-    # A copy: decoded images can be read-only views, which torch will not wrap.
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).to(device)
-
-
-def side_by_side(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray | None, scale: int) -> bytes:
-    """PNG of LR bicubic | SR | HR (or LR bicubic | SR), the centre PANEL_SIDE square of large images."""
-    import torch
-
-    from pipelines.images import encode_png
-    from upsr.aux_net import bicubic_upsample
-
-    with torch.no_grad():
-        bicubic = bicubic_upsample(to_tensor(lr, "cpu"), scale).clamp(0, 1)
-    columns = [(bicubic[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), sr]
-    if hr is not None:
-        columns.append(hr)
-    height, width = sr.shape[:2]
-    top, left = max(0, (height - PANEL_SIDE) // 2), max(0, (width - PANEL_SIDE) // 2)
-    crops = [column[top:top + PANEL_SIDE, left:left + PANEL_SIDE] for column in columns]
-    return encode_png(np.concatenate(crops, axis=1), 1)
-
-
-def table_content_hash(table: pa.Table) -> str:
-    """The eval-set content hash (``pipelines.eval_set``) of the images a result table covers."""
-    return content_hash(zip(*(table[name].to_pylist() for name in ("id", "lr_sha256", "hr_sha256"))))
-
-
-def completeness_problems(table: pa.Table, expected_ids: tuple[str, ...]) -> list[str]:
-    """Why the results are not a full evaluation of the eval set (empty when they are)."""
-    ids = table["id"].to_pylist()
-    problems = []
-    missing = sorted(set(expected_ids) - set(ids))
-    if missing:
-        problems.append(f"{len(missing)} image(s) have no result: {', '.join(missing[:5])}")
-    if len(ids) != len(set(ids)) or set(ids) - set(expected_ids):
-        problems.append(f"{len(ids)} results for {len(expected_ids)} images (duplicates or unknown ids)")
-    failed = [(row["id"], row["error"]) for row in table.select(["id", "error"]).to_pylist() if row["error"]]
-    if failed:
-        problems.append(f"{len(failed)} image(s) failed: " + "; ".join(f"{i}: {e}" for i, e in failed[:5]))
-    return problems
 
 
 def aggregates(table: pa.Table) -> dict[str, dict[str, float | int | bool]]:
@@ -522,18 +322,18 @@ def log_results(mlflow_client, run_id: str, model: registry.ModelRef, eval_set: 
     with tempfile.TemporaryDirectory(prefix="upsr-eval-") as folder:
         root = Path(folder)
         (root / "evaluation").mkdir()
-        (root / registry.TABLE_ARTIFACT).write_bytes(table_bytes(table))
-        (root / registry.SUMMARY_ARTIFACT).write_text(json.dumps(summary, indent=2))
+        (root / tracking.TABLE_ARTIFACT).write_bytes(table_bytes(table))
+        (root / tracking.SUMMARY_ARTIFACT).write_text(json.dumps(summary, indent=2))
         if panels:
             (root / "side_by_side").mkdir()
             for image_id, png in panels.items():
                 (root / "side_by_side" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)}.png").write_bytes(png)
         mlflow_client.log_artifacts(run_id, folder)
-    tags = {registry.TAG_COMPLETE: str(summary["complete"]).lower(),
-            registry.EVAL_TAG + "images": str(summary["eval_set"]["images"]),
-            registry.EVAL_TAG + "failed_images": str(summary["failed_images"])}
+    tags = {tracking.TAG_COMPLETE: str(summary["complete"]).lower(),
+            tracking.EVAL_TAG + "images": str(summary["eval_set"]["images"]),
+            tracking.EVAL_TAG + "failed_images": str(summary["failed_images"])}
     if set_hash:
-        tags[registry.TAG_SET_HASH] = set_hash
+        tags[tracking.TAG_SET_HASH] = set_hash
     for key, value in tags.items():
         mlflow_client.set_tag(run_id, key, value)
 

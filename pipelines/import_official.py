@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines import config as config_module
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.synth import add_config_arguments
 
@@ -99,7 +99,7 @@ def import_official(denoiser: Path, aux: Path, options: Path | None, out: Path) 
 def register(folder: Path, settings, args: argparse.Namespace) -> int:
     import mlflow
 
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     experiment_id = tracking.connect(settings)
     source = json.loads((folder / SOURCE_FILE).read_text())
@@ -109,7 +109,7 @@ def register(folder: Path, settings, args: argparse.Namespace) -> int:
     mlflow.log_params({"release.denoiser": str(args.denoiser), "release.aux": str(args.aux),
                        "release.options": str(args.options) if args.options else "published defaults"})
     mlflow.end_run("RUNNING")
-    version = tracking.log_and_register_model(settings, run.info.run_id, folder)
+    version = registry.log_and_register_model(settings, run.info.run_id, folder)
     tracking.finish_run(settings, run.info.run_id, "FINISHED")
     return version
 

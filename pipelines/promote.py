@@ -35,21 +35,21 @@ import pyarrow.compute as pc
 from mlflow.exceptions import MlflowException
 
 from pipelines import config as config_module
-from pipelines import registry
-from pipelines.cli import run_job
+from pipelines import registry, tracking
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.config import Config, PromoteConfig
 from pipelines.eval_set import EvalSet, open_eval_set
-from pipelines.evaluate import (
+from pipelines.eval_contract import (
     FULL_REFERENCE,
     METRICS,
     Evaluation,
     completeness_problems,
-    evaluate,
     lpips_setting,
     settings_hash,
     table_content_hash,
 )
+from pipelines.evaluate import evaluate
 from pipelines.synth import add_config_arguments
 from upsr.stats import PairedComparison, paired_bootstrap
 
@@ -116,7 +116,7 @@ def decide(comparison: PairedComparison, settings: PromoteConfig) -> tuple[bool,
 
 def promote(candidate_uri: str, eval_uri: str, config: Config) -> Decision:
     settings = config.promote
-    mlflow_client = registry.client(config.mlflow)
+    mlflow_client = tracking.client(config.mlflow)
     candidate = registry.version_ref(registry.resolve_version(mlflow_client, candidate_uri), candidate_uri)
     current = registry.alias_version(mlflow_client, candidate.name, settings.champion_alias)
     champion = registry.version_ref(current) if current else None
@@ -166,9 +166,9 @@ def check_primary_metric(eval_set: EvalSet, config: Config) -> None:
 def evaluation_of(model: registry.ModelRef, eval_set: EvalSet, set_hash: str, config: Config) -> Evaluation:
     """A stored complete evaluation of this version on this content and settings, else a fresh one."""
     settings = settings_hash(config, lpips_setting(config.loss))
-    run_id = registry.find_evaluation(config.mlflow, model, set_hash, settings)
+    run_id = tracking.find_evaluation(config.mlflow, model, set_hash, settings)
     if run_id:
-        table = registry.load_evaluation_table(config.mlflow, run_id)
+        table = tracking.load_evaluation_table(config.mlflow, run_id)
         problems = completeness_problems(table, eval_set.ids)
         if not problems and table_content_hash(table) == set_hash:
             log.info("reusing evaluation run %s of %s: same eval-set content (%s) and metric settings", run_id,
@@ -270,7 +270,7 @@ def delete_tag(mlflow_client, ref: registry.ModelRef, key: str) -> None:
 def rollback(name: str, config: Config) -> str:
     """Point the champion alias at the version the current champion replaced; returns that version."""
     alias = config.promote.champion_alias
-    mlflow_client = registry.client(config.mlflow)
+    mlflow_client = tracking.client(config.mlflow)
     current = registry.alias_version(mlflow_client, name, alias)
     if current is None:
         raise UserError(f"{name} has no @{alias}: nothing to roll back")

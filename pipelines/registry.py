@@ -1,46 +1,45 @@
-"""The MLflow side of evaluation and promotion: model URIs, evaluation runs, version tags, aliases.
+"""The MLflow model registry: registering a checkpoint as a model version, model URIs, versions,
+their tags and aliases.
 
-Evaluation runs carry ``upsr.eval.*`` tags (model name and version, eval-set hash, a hash of
-the metric settings, whether every image was evaluated) so that ``upsr promote`` can find an
-earlier evaluation of the same version on the same content under the same settings and
-reuse its per-image table instead of re-running the model. Promotion decisions are written
-as ``upsr.promote.*`` tags on the model versions; the registry's aliases (never the
-deprecated stages) say which version is the champion.
+A model is logged as an MLflow *pyfunc* model whose only artifact is the UPSR checkpoint folder
+(``upsr.checkpoint.save_checkpoint``: safetensors + JSON), not with MLflow's PyTorch flavour:
+that one pickles the module (or tries ``torch.export``), which ties the model to the code
+version that saved it and unpickles on load. The pyfunc wrapper is logged as code
+(``pipelines/pyfunc_model.py``, MLflow's "models from code"), so nothing is pickled either.
+
+Promotion decisions are written as ``upsr.promote.*`` tags on the model versions; the
+registry's aliases (never the deprecated stages) say which version is the champion.
+Importing this module registers a resolver so that ``upsr.load("models:/upsr@challenger")``
+downloads the registered checkpoint folder.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import pyarrow as pa
-import pyarrow.parquet as pq
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
-from pipelines.errors import UserError
-from pipelines.storage import redact_uri
 from pipelines.config import MlflowConfig
+from pipelines.errors import UserError
+from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT
+from pipelines.storage import redact_uri
+from pipelines.tracking import client, connect
+from upsr.checkpoint import register_uri_resolver
 
 log = logging.getLogger(__name__)
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
-EVAL_TAG = "upsr.eval."
-TAG_MODEL_NAME = EVAL_TAG + "model_name"
-TAG_MODEL_VERSION = EVAL_TAG + "model_version"
-TAG_MODEL_URI = EVAL_TAG + "model_uri"
-TAG_SET_HASH = EVAL_TAG + "set_hash"
-TAG_SETTINGS_HASH = EVAL_TAG + "settings_hash"
-TAG_COMPLETE = EVAL_TAG + "complete"
-TABLE_ARTIFACT = "evaluation/metrics.parquet"
-SUMMARY_ARTIFACT = "evaluation/summary.json"
 
 PROMOTE_TAG = "upsr.promote."
 # MLflow refuses longer model-version tag values; a reason quoting a long error is cut.
@@ -71,11 +70,6 @@ class ModelRef:
     def slug(self) -> str:
         text = f"{self.name}-v{self.version}" if self.version else Path(self.load_uri).name
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "model"
-
-
-def client(settings: MlflowConfig) -> MlflowClient:
-    tracking.connect(settings)
-    return MlflowClient()
 
 
 def resolve_model(uri: str, settings: MlflowConfig) -> ModelRef:
@@ -137,25 +131,45 @@ def set_version_tags(mlflow_client: MlflowClient, name: str, version: str, tags:
         mlflow_client.set_model_version_tag(name, version, key, str(value)[:_MAX_TAG_VALUE])
 
 
-def find_evaluation(settings: MlflowConfig, model: ModelRef, set_hash: str, settings_hash: str) -> str | None:
-    """The newest finished, complete evaluation run of this model version on this content with
-    these metric settings; None when there is none (or the model is not registered)."""
-    if model.version is None:
-        return None
-    mlflow_client = client(settings)
-    experiment = mlflow_client.get_experiment_by_name(settings.experiment)
-    if experiment is None:
-        return None
-    conditions = {TAG_MODEL_NAME: model.name, TAG_MODEL_VERSION: model.version, TAG_SET_HASH: set_hash,
-                  TAG_SETTINGS_HASH: settings_hash, TAG_COMPLETE: "true"}
-    filter_string = " and ".join(f"tags.`{key}` = '{value}'" for key, value in conditions.items())
-    runs = mlflow_client.search_runs([experiment.experiment_id], f"{filter_string} and attributes.status = 'FINISHED'",
-                                     max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
+MODEL_NAME_IN_RUN = "model"
 
 
-def load_evaluation_table(settings: MlflowConfig, run_id: str) -> pa.Table:
-    tracking.connect(settings)
-    with tempfile.TemporaryDirectory(prefix="upsr-eval-") as folder:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TABLE_ARTIFACT, dst_path=folder)
-        return pq.read_table(path)
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def log_and_register_model(settings: MlflowConfig, run_id: str, checkpoint_folder: Path) -> int:
+    """Log the checkpoint folder as the run's pyfunc model, register it and point the alias at
+    the new version; returns the version number."""
+    connect(settings)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN, python_model=str(PYFUNC_CODE),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_folder)},
+            # Listed rather than inferred: inference would load the model in a subprocess.
+            pip_requirements=[f"upsr-ray=={metadata.version('upsr-ray')}"],
+            registered_model_name=settings.registered_model)
+        mlflow.end_run("RUNNING")
+    version = int(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(settings.registered_model, settings.alias, str(version))
+    log.info("registered %s version %d as @%s", settings.registered_model, version, settings.alias)
+    return version
+
+
+def download_registered_checkpoint(uri: str) -> Path:
+    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> a local UPSR checkpoint folder.
+
+    Uses the tracking URI of this process (``mlflow.set_tracking_uri`` or MLFLOW_TRACKING_URI).
+    """
+    # A fresh folder each time: an alias moves between versions, so a cache keyed on it would go stale.
+    # It is removed when the process exits (the loaded weights live in memory by then).
+    target = tempfile.mkdtemp(prefix="upsr-model-")
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
+    flavor = mlflow.models.Model.load(str(downloaded)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get(CHECKPOINT_ARTIFACT, {}).get("path")
+    if relative is None or not (downloaded / relative).is_dir():
+        raise FileNotFoundError(f"{uri} is not an UPSR model: its MLmodel names no {CHECKPOINT_ARTIFACT!r} artifact folder")
+    return downloaded / relative
+
+
+register_uri_resolver("models:/", download_registered_checkpoint)

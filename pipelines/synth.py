@@ -30,13 +30,13 @@ from ray.data import ActorPoolStrategy, Datasink
 from degradations import DegradationConfig, sample
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.config import Config
 from pipelines.dataset import CONFIG_FILE, MANIFEST, MARKER, QUARANTINE, SCHEMA_VERSION, SHARD_SCHEMA, owned_files
 from pipelines.images import RejectedImage, decode_rgb, derive_seed, encode_png, random_crops
 from pipelines.ray_env import init_ray
-from upsr.typed_config import from_dict, to_dict
+from upsr.config_loader import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (e.g. configs/tiny.yaml)")
+    parser.add_argument("--config", action="append", metavar="FILE",
+                        help="YAML config file (e.g. configs/tiny.yaml); several merge in order")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set degradation.jpeg_range=[40,90]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (credentials taken out) and exit")
 
 
 def run(args: argparse.Namespace) -> int:

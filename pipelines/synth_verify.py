@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from degradations import Degrader
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.dataset import IncompleteDataset, open_dataset
 from pipelines.images import decode_png

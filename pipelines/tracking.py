@@ -1,48 +1,40 @@
-"""MLflow for the training jobs: where runs go, what they record, and the registered model.
+"""MLflow runs: where runs go, what they record, and how evaluation runs are found again.
 
-The driver opens the run (params, tags, config and manifest artifacts) and, at the end, logs
-and registers the model; inside Ray Train only rank 0 logs (metrics, sample grids). Every
-invocation of a job is its own MLflow run, tagged with the Ray Train run name it continues.
-
-The model is logged as an MLflow *pyfunc* model whose only artifact is the UPSR checkpoint
-folder (``upsr.checkpoint.save_checkpoint``: safetensors + JSON), not with MLflow's PyTorch
-flavour: that one pickles the module (or tries ``torch.export``), which ties the model to the
-code version that saved it and unpickles on load. The pyfunc wrapper is logged as code
-(``pipelines/pyfunc_model.py``, MLflow's "models from code"), so nothing is pickled either:
-it keeps the safe folder format, loads with ``upsr.load`` and still gives
-``mlflow.pyfunc.load_model`` and serving.
-
-Importing this module registers a resolver so that ``upsr.load("models:/upsr@challenger")``
-downloads the registered checkpoint folder.
+The training jobs' driver opens the run (params, tags, config and manifest artifacts); inside
+Ray Train only rank 0 logs (metrics, sample grids). Every invocation of a job is its own MLflow
+run, tagged with the Ray Train run name it continues. Evaluation runs carry ``upsr.eval.*``
+tags (model name and version, eval-set hash, a hash of the metric settings, whether every image
+was evaluated) so that ``upsr promote`` can find an earlier evaluation of the same version on
+the same content under the same settings and reuse its per-image table. The model registry is
+``pipelines.registry``.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import MlflowConfig, public_dict
-from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT
-from upsr.checkpoint import register_uri_resolver
-from upsr.typed_config import flatten
+from upsr.config_loader import flatten
+
+if TYPE_CHECKING:
+    from pipelines.registry import ModelRef
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME_IN_RUN = "model"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
 # MLflow rejects param values longer than this.
@@ -170,39 +162,58 @@ class RunLogger:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
-def log_and_register_model(settings: MlflowConfig, run_id: str, checkpoint_folder: Path) -> int:
-    """Log the checkpoint folder as the run's pyfunc model, register it and point the alias at
-    the new version; returns the version number."""
+
+EVAL_TAG = "upsr.eval."
+
+
+TAG_MODEL_NAME = EVAL_TAG + "model_name"
+
+
+TAG_MODEL_VERSION = EVAL_TAG + "model_version"
+
+
+TAG_MODEL_URI = EVAL_TAG + "model_uri"
+
+
+TAG_SET_HASH = EVAL_TAG + "set_hash"
+
+
+TAG_SETTINGS_HASH = EVAL_TAG + "settings_hash"
+
+
+TAG_COMPLETE = EVAL_TAG + "complete"
+
+
+TABLE_ARTIFACT = "evaluation/metrics.parquet"
+
+
+SUMMARY_ARTIFACT = "evaluation/summary.json"
+
+
+def client(settings: MlflowConfig) -> MlflowClient:
     connect(settings)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN, python_model=str(PYFUNC_CODE),
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_folder)},
-            # Listed rather than inferred: inference would load the model in a subprocess.
-            pip_requirements=[f"upsr-ray=={metadata.version('upsr-ray')}"],
-            registered_model_name=settings.registered_model)
-        mlflow.end_run("RUNNING")
-    version = int(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(settings.registered_model, settings.alias, str(version))
-    log.info("registered %s version %d as @%s", settings.registered_model, version, settings.alias)
-    return version
+    return MlflowClient()
 
 
-def download_registered_checkpoint(uri: str) -> Path:
-    """``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) -> a local UPSR checkpoint folder.
+def find_evaluation(settings: MlflowConfig, model: ModelRef, set_hash: str, settings_hash: str) -> str | None:
+    """The newest finished, complete evaluation run of this model version on this content with
+    these metric settings; None when there is none (or the model is not registered)."""
+    if model.version is None:
+        return None
+    mlflow_client = client(settings)
+    experiment = mlflow_client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        return None
+    conditions = {TAG_MODEL_NAME: model.name, TAG_MODEL_VERSION: model.version, TAG_SET_HASH: set_hash,
+                  TAG_SETTINGS_HASH: settings_hash, TAG_COMPLETE: "true"}
+    filter_string = " and ".join(f"tags.`{key}` = '{value}'" for key, value in conditions.items())
+    runs = mlflow_client.search_runs([experiment.experiment_id], f"{filter_string} and attributes.status = 'FINISHED'",
+                                     max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
-    Uses the tracking URI of this process (``mlflow.set_tracking_uri`` or MLFLOW_TRACKING_URI).
-    """
-    # A fresh folder each time: an alias moves between versions, so a cache keyed on it would go stale.
-    # It is removed when the process exits (the loaded weights live in memory by then).
-    target = tempfile.mkdtemp(prefix="upsr-model-")
-    atexit.register(shutil.rmtree, target, ignore_errors=True)
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target))
-    flavor = mlflow.models.Model.load(str(downloaded)).flavors.get("python_function", {})
-    relative = flavor.get("artifacts", {}).get(CHECKPOINT_ARTIFACT, {}).get("path")
-    if relative is None or not (downloaded / relative).is_dir():
-        raise FileNotFoundError(f"{uri} is not an UPSR model: its MLmodel names no {CHECKPOINT_ARTIFACT!r} artifact folder")
-    return downloaded / relative
 
-
-register_uri_resolver("models:/", download_registered_checkpoint)
+def load_evaluation_table(settings: MlflowConfig, run_id: str) -> pa.Table:
+    connect(settings)
+    with tempfile.TemporaryDirectory(prefix="upsr-eval-") as folder:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=TABLE_ARTIFACT, dst_path=folder)
+        return pq.read_table(path)

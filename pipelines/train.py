@@ -11,8 +11,8 @@ weights; at the end the last one is logged as the run's model and registered as
 ``--init-from`` starts the denoiser (and its EMA) from an UPSR checkpoint folder or a
 ``models:/`` URI instead of random weights, e.g. the release imported by ``upsr import-official``;
 without ``--aux`` the aux net comes from that checkpoint too. The driver reads it once and hands
-the tensors to the workers through Ray's object store, so workers on other nodes need no access
-to the driver's files.
+the tensors to the workers through Ray's object store (a task option), so workers on other
+nodes need no access to the driver's files.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from torch import nn
 
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.config import Config
 from pipelines.synth import add_config_arguments
 from pipelines.train_aux import AUX_CONFIG_FILE, AUX_WEIGHTS_FILE, default_run_name, image_grid
+from pipelines.training_loop import TrainingJob
 from upsr.config import AuxConfig
-from upsr.typed_config import ConfigError, from_dict, to_dict
+from upsr.config_loader import ConfigError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def local_weights(uri: str, config: Config) -> Path:
 def read_init(init_from: str, config: Config, with_aux: bool):
     """The checkpoint to start from, checked against the config: its denoiser must be the
     configured one (the weights have to fit), and its aux net is taken when ``with_aux``."""
-    import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
+    import pipelines.registry  # noqa: F401  (registers the models:/ resolver for read_checkpoint)
     from upsr.checkpoint import CheckpointError, read_checkpoint
 
     try:
@@ -134,39 +135,20 @@ def read_init(init_from: str, config: Config, with_aux: bool):
 
 def train(data_uri: str, aux_uri: str | None, config: Config, run_name: str, init_from: str | None = None):
     """Run the job; returns ``training_loop.FitResult`` after registering the model."""
-    import ray
-
-    from pipelines import tracking
-    from pipelines.ray_env import init_ray
+    from pipelines import registry, tracking
     from pipelines.training_loop import fit
 
-    extra_loop_config, run_tags = {}, {}
+    task_options, run_tags = {}, {}
     if init_from:
-        config, init_state = read_init(init_from, config, with_aux=aux_uri is None)
-        init_ray(config.ray)
-        extra_loop_config["init_state"] = ray.put(init_state)
+        config, task_options["init_state"] = read_init(init_from, config, with_aux=aux_uri is None)
         run_tags["init_from"] = init_from
     if aux_uri:
         config, _ = resolve_aux(aux_uri, config)
-    result = fit(JOB, train_worker, config.train, config, data_uri, run_name, extra_loop_config=extra_loop_config,
-                 run_tags=run_tags)
+    result = fit(TRAIN, config, data_uri, run_name, task_options=task_options, run_tags=run_tags)
     with result.checkpoint.as_directory() as folder:
-        tracking.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
+        registry.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
     tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
     return result
-
-
-def train_worker(loop_config: dict) -> None:
-    from pipelines.training_loop import loop_config as parse_loop_config
-    from pipelines.training_loop import worker_loop
-
-    config = parse_loop_config(loop_config)
-    init_state = None
-    if "init_state" in loop_config:
-        import ray
-
-        init_state = ray.get(loop_config["init_state"])
-    worker_loop(lambda device: DiffusionTask(config, device, init_state), config.train, config, loop_config)
 
 
 class DiffusionTask:
@@ -180,6 +162,7 @@ class DiffusionTask:
         from upsr.denoiser import build_denoiser
         from upsr.diffusion import UNWDiffusion
         from upsr.losses import DiffusionLoss
+        from upsr.objective import UPSRObjective
 
         self.config = config
         self.model = build_denoiser(config.denoiser)
@@ -197,20 +180,12 @@ class DiffusionTask:
         self.aux = freeze(aux_net).to(device)
         self.diffusion = UNWDiffusion.from_config(config.diffusion)
         self.loss = DiffusionLoss(config.loss).to(device)
+        self.objective = UPSRObjective(self.aux, self.diffusion, config.weight, self.loss,
+                                       config.denoiser.use_sr_condition, config.denoiser.scale)
         self._lpips_for_metrics = None
 
-    def condition(self, lr: torch.Tensor):
-        from upsr.aux_net import sr_condition
-
-        return sr_condition(self.aux, lr, self.config.weight, self.config.denoiser.use_sr_condition,
-                            self.config.denoiser.scale)
-
     def losses(self, model: nn.Module, lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator):
-        from upsr.losses import training_loss
-
-        condition = self.condition(lr)
-        return training_loss(model, self.diffusion, self.loss, hr * 2 - 1, condition.y, condition.cond,
-                             condition.weight, generator)
+        return self.objective(model, lr, hr, generator)
 
     def lpips_for_metrics(self) -> nn.Module:
         if self.loss.lpips is not None:
@@ -228,23 +203,19 @@ class DiffusionTask:
 
     @torch.no_grad()
     def validate(self, ema_model: nn.Module, batches: Iterator, step: int, logger) -> dict[str, float]:
-        """5-step DDIM (the configured sampler) from a fixed seed on the first ``val_batches`` batches."""
-        from upsr.denoiser import make_denoise_fn
+        """The EMA model sampled as it is deployed (``UPSRPipeline``, the configured sampler), batch
+        ``i`` of the first ``val_batches`` with seed ``inference.seed + i``."""
+        from upsr.inference import UPSRPipeline
         from upsr.metrics import full_reference_metrics
 
-        ema_model.eval()
-        denoise = make_denoise_fn(ema_model, self.diffusion)
-        generator = torch.Generator(self.aux_device).manual_seed(self.config.inference.seed)
+        pipeline = UPSRPipeline(ema_model, self.aux, self.diffusion, self.config.weight, self.config.inference)
         scores: dict[str, list[torch.Tensor]] = {}
         for index, (lr, hr) in zip(range(self.config.train.val_batches), batches):
-            condition = self.condition(lr)
-            sample = self.diffusion.sample(denoise, condition.y, condition.cond, condition.weight,
-                                           sampler=self.config.inference.sampler, generator=generator)
-            sr = (sample + 1) / 2
+            sr = pipeline.upscale(lr, seed=self.config.inference.seed + index)
             for key, values in full_reference_metrics(sr, hr, self.config.metrics, self.lpips_for_metrics()).items():
                 scores.setdefault(key, []).append(values.float().cpu())
             if index == 0:
-                self.log_samples(condition, sr, hr, step, logger)
+                self.log_samples(self.objective.condition(lr), sr, hr, step, logger)
         ema_model.train()
         return {f"val_{key}": float(torch.cat(values).mean()) for key, values in scores.items()}
 
@@ -277,6 +248,8 @@ class DiffusionTask:
             denoiser=config.denoiser, aux=config.aux, diffusion=config.diffusion, weight=config.weight,
             inference=config.inference))
 
+
+TRAIN = TrainingJob(JOB, "train", DiffusionTask)
 
 if __name__ == "__main__":
     sys.exit(run_job(sys.modules[__name__]))

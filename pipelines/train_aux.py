@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipelines import config as config_module
-from pipelines.cli import run_job
-from pipelines.errors import UserError
+from pipelines.entry import run_job
 from pipelines.config import Config
 from pipelines.synth import add_config_arguments
-from upsr.typed_config import to_dict
+from pipelines.training_loop import TrainingJob
+from upsr.config_loader import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def train_aux(data_uri: str, config: Config, run_name: str):
     from pipelines import tracking
     from pipelines.training_loop import fit
 
-    result = fit(JOB, train_aux_worker, config.aux_train, config, data_uri, run_name)
+    result = fit(TRAIN_AUX, config, data_uri, run_name)
     with result.checkpoint.as_directory() as folder:
         logger = tracking.RunLogger(config.mlflow, result.run_id)
         for name in (AUX_WEIGHTS_FILE, AUX_CONFIG_FILE):
@@ -69,14 +69,6 @@ def train_aux(data_uri: str, config: Config, run_name: str):
     logger.client.set_tag(result.run_id, "aux_checkpoint", result.checkpoint_uri)
     tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
     return result
-
-
-def train_aux_worker(loop_config: dict) -> None:
-    from pipelines.training_loop import loop_config as parse_loop_config
-    from pipelines.training_loop import worker_loop
-
-    config = parse_loop_config(loop_config)
-    worker_loop(lambda device: AuxTask(config, device), config.aux_train, config, loop_config)
 
 
 class AuxTask:
@@ -123,6 +115,8 @@ def image_grid(columns: list[torch.Tensor], rows: int = 4) -> np.ndarray:
     grid = torch.cat(tiles, dim=-2)
     return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
+
+TRAIN_AUX = TrainingJob(JOB, "aux_train", AuxTask)
 
 if __name__ == "__main__":
     sys.exit(run_job(sys.modules[__name__]))

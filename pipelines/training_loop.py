@@ -79,6 +79,20 @@ class Task(Protocol):
         """Write the job's deliverable (weights others load) into a checkpoint folder."""
 
 
+@dataclass(frozen=True)
+class TrainingJob:
+    """What tells ``upsr train`` and ``upsr train-aux`` apart: the job's name, its config section
+    (``train`` or ``aux_train``) and its task, built on every worker as
+    ``task(config, device, **task_options)``."""
+
+    name: str
+    section: str
+    task: Callable[..., Task]
+
+    def settings(self, config: Config) -> TrainConfig:
+        return getattr(config, self.section)
+
+
 @dataclass
 class LoopState:
     step: int = 0
@@ -165,19 +179,25 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def worker_loop(task_factory: Callable[[torch.device], Task], settings: TrainConfig, config: Config,
-                loop_config: dict[str, Any]) -> None:
-    """The body of ``train_loop_per_worker`` for both jobs; ``loop_config`` is what ``fit`` passed."""
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of both jobs; ``loop_config`` is what ``fit`` passed: the job, and
+    the config, tracking URI and task options as object-store references."""
     import ray.train
     import ray.train.torch
 
     from pipelines.tracking import RunLogger
 
+    job: TrainingJob = loop_config["job"]
+    config: Config = ray.get(loop_config["config"])
+    settings = job.settings(config)
+    task_options = {key: ray.get(ref) for key, ref in loop_config["task_options"].items()}
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    if rank == 0 and loop_config["rank0_setup"] is not None:
+        loop_config["rank0_setup"]()
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
-    task = task_factory(device)
+    task = job.task(config, device, **task_options)
     model = task.model.to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
     # AveragedModel's first update would copy the model; the release's EMA starts as a copy of
@@ -363,16 +383,19 @@ def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, s
     return path, None, path
 
 
-def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, config: Config, data_uri: str,
-        run_name: str, extra_loop_config: dict[str, Any] | None = None, callbacks: Sequence[Any] = (),
-        run_tags: dict[str, str] | None = None, data: TrainingData | None = None,
-        tracking_uri: str | None = None) -> FitResult:
+def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_options: dict[str, Any] | None = None,
+        callbacks: Sequence[Any] = (), run_tags: dict[str, str] | None = None, data: TrainingData | None = None,
+        tracking_uri: str | None = None, rank0_setup: Callable[[], None] | None = None) -> FitResult:
     """Open the data and the MLflow run, train, and return the last checkpoint.
+
+    ``task_options`` go to every worker's task through Ray's object store (``--init-from``'s
+    weights, for one).
 
     ``callbacks`` go to Ray Train's RunConfig (``upsr tune`` passes its TuneReportCallback);
     ``run_tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under a search);
     ``data`` is ``data_uri`` already opened (a search opens and splits it once for all trials);
-    ``tracking_uri`` is the MLflow store a search's driver resolved (default: this process's).
+    ``tracking_uri`` is the MLflow store a search's driver resolved (default: this process's);
+    ``rank0_setup`` runs on the rank-0 worker before training (a search registers the worker group).
 
     The workers get the config and the tracking URI through Ray's object store, credentials
     included; everything written (MLflow params, config files, checkpoints) holds the config
@@ -385,6 +408,7 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     from pipelines import tracking
     from pipelines.ray_env import init_ray
 
+    settings = job.settings(config)
     init_ray(config.ray)
     # Resolved here, once: the default is a path under the driver's folder, and Ray workers run
     # elsewhere (their own default would point at another database).
@@ -392,8 +416,8 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
     mlflow_settings = replace(config.mlflow, tracking_uri=tracking_uri)
     if settings.use_gpu and not ray.cluster_resources().get("GPU") and not (config.ray.address
                                                                               or os.environ.get("RAY_ADDRESS")):
-        raise UserError(f"{job}: use_gpu is true but this local Ray instance has no GPU; "
-                        f"set --set {'train' if job == 'train' else 'aux_train'}.use_gpu=false")
+        raise UserError(f"{job.name}: use_gpu is true but this local Ray instance has no GPU; "
+                        f"set --set {job.section}.use_gpu=false")
     if data is None:
         data = open_training_data(data_uri, config.train_data, config.storage)
     global_batch = settings.batch_size * settings.num_workers
@@ -403,20 +427,22 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
-    run_id = tracking.start_run(mlflow_settings, run_name, config, job, data.dataset.manifest,
+    run_id = tracking.start_run(mlflow_settings, run_name, config, job.name, data.dataset.manifest,
                                 data.dataset.manifest_hash, config_yaml, run_tags)
     tracking.log_run_facts(mlflow_settings, run_id, {
         "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
         "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
         "checkpoint_storage": f"{storage_uri}/{run_name}"})
-    log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job, run_name,
+    log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job.name,
+             run_name,
              settings.num_workers, settings.batch_size, global_batch, settings.lr, storage_uri, run_name)
     resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={"config": ray.put(config), "config_yaml": config_yaml,
+        train_worker,
+        train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,
                            "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
-                           "has_val": data.val is not None, **(extra_loop_config or {})},
+                           "has_val": data.val is not None, "rank0_setup": rank0_setup,
+                           "task_options": {key: ray.put(value) for key, value in (task_options or {}).items()}},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -431,14 +457,14 @@ def fit(job: str, train_fn: Callable[[dict], None], settings: TrainConfig, confi
         result = in_helper_thread(trainer.fit)
     except ray.train.TrainingFailedError as error:
         tracking.finish_run(mlflow_settings, run_id, "FAILED")
-        raise TrainingFailed(f"{job} run {run_name} failed: {worker_errors(error)}") from None
+        raise TrainingFailed(f"{job.name} run {run_name} failed: {worker_errors(error)}") from None
     except KeyboardInterrupt:
         # Ctrl-C or `ray job stop`: the run did not finish; its last checkpoint resumes it.
         tracking.finish_run(mlflow_settings, run_id, "KILLED")
         raise
     if result.checkpoint is None:
         tracking.finish_run(mlflow_settings, run_id, "FAILED")
-        raise TrainingFailed(f"{job} run {run_name} ended without a checkpoint")
+        raise TrainingFailed(f"{job.name} run {run_name} ended without a checkpoint")
     checkpoint_uri = (f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path)
     return FitResult(run_id, result.checkpoint, checkpoint_uri, data)
 
@@ -473,10 +499,3 @@ def worker_errors(error: Exception) -> str:
         text = str(failure).strip().splitlines()
         lines.append(f"rank {rank}: {text[-1] if text else type(failure).__name__}")
     return "; ".join(lines)
-
-
-def loop_config(loop_config_dict: dict[str, Any]) -> Config:
-    """The worker's view of what ``fit`` passed: the typed config (from the object store)."""
-    import ray
-
-    return ray.get(loop_config_dict["config"])

@@ -14,7 +14,6 @@ before any image is upscaled.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -27,11 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines import config as config_module
-from pipelines.cli import run_job
+from pipelines.entry import run_job
 from pipelines.errors import UserError
 from pipelines.config import IMAGE_EXTENSIONS
 from pipelines.images import RejectedImage, decode_rgb
 from pipelines.synth import add_config_arguments
+from upsr.config_loader import updated
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def load_pipeline(args: argparse.Namespace, config):
                                                  ("max_output_pixels", args.max_output_pixels))
                  if value is not None}
     try:
-        pipeline.inference_config = dataclasses.replace(pipeline.inference_config, **overrides)
+        pipeline.inference_config = updated(pipeline.inference_config, **overrides)
     except ValueError as error:
         raise UserError(f"--tile/--stride/--batch/--max-output-pixels (checkpoint defaults: tile "
                         f"{pipeline.inference_config.tile}, stride {pipeline.inference_config.stride}): {error}") from None

@@ -1,18 +1,16 @@
-"""Shared test helpers: a local Ray instance, a local S3 endpoint, small image files."""
+"""Shared test helpers: credentials for the local S3 endpoint, free ports, small image files.
+
+The fixtures (a local Ray instance, a local S3 endpoint) are in conftest.py."""
 
 from __future__ import annotations
 
 import io
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 VENV_BIN = Path(sys.executable).parent
@@ -23,43 +21,10 @@ TEST_SECRET = "testing-secret-key"
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=TEST_SECRET, AWS_REGION="us-east-1")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One private local Ray instance with 2 CPUs for the whole session; shut down at the end."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 that this fixture starts and stops (by process group)."""
-    port = free_port()
-    process = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                os.killpg(process.pid, signal.SIGKILL)
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
-    yield endpoint
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=10)
 
 
 def make_bucket(endpoint: str, name: str):

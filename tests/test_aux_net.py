@@ -15,8 +15,9 @@ from upsr.aux_net import (
 )
 from upsr.config import AuxConfig
 from upsr.denoiser import count_parameters
-from upsr.losses import DiffusionLoss, training_loss
 from upsr.config import LossConfig
+from upsr.losses import DiffusionLoss
+from upsr.objective import UPSRObjective
 
 
 def test_default_is_the_release_atd_and_any_lr_size_works():
@@ -58,11 +59,12 @@ def test_frozen_aux_gets_no_gradient_and_does_not_change_in_a_denoiser_step(tiny
     # Even a naive optimiser over both nets must leave the frozen one alone.
     optimizer = torch.optim.AdamW(list(denoiser.parameters()) + list(aux_net.parameters()), lr=1e-2)
     lr = torch.rand(2, 3, 16, 16)
-    hr = torch.rand(2, 3, 64, 64) * 2 - 1
+    hr = torch.rand(2, 3, 64, 64)
     condition = sr_condition(aux_net, lr, tiny_config.weight, use_sr_condition=True)
     assert not condition.cond.requires_grad  # built under no_grad: no graph through g
-    loss = training_loss(denoiser, diffusion, DiffusionLoss(LossConfig(lpips_weight=0)), hr, condition.y,
-                         condition.cond, condition.weight, generator=torch.Generator().manual_seed(0))
+    objective = UPSRObjective(aux_net, diffusion, tiny_config.weight, DiffusionLoss(LossConfig(lpips_weight=0)),
+                              use_sr_condition=True)
+    loss = objective(denoiser, lr, hr, generator=torch.Generator().manual_seed(0))
     loss["loss"].backward()
     optimizer.step()
     assert all(p.grad is None for p in aux_net.parameters())

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.support import TEST_SECRET, VENV_BIN, ray_local  # noqa: F401
+from tests.support import TEST_SECRET, VENV_BIN
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "infra" / "local" / "stack.sh"
@@ -128,7 +128,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, ray_local):  # noqa: F811
+def stack(tmp_path_factory, ray_local):
     state_dir = tmp_path_factory.mktemp("stack")
     started = stack_command("start", "--state-dir", str(state_dir), "--bucket", BUCKET, "--num-cpus", "2")
     assert started.returncode == 0, started.stderr[-5000:]
@@ -163,7 +163,9 @@ def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(st
     def keys() -> set[str]:
         return {item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="stopped/").get("Contents", [])}
 
-    command = ("synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=24")
+    # 100 crops per photograph: each of the nine files is a block of its own, written as soon as
+    # it is degraded, so the first shard appears long before the last file is done.
+    command = ("synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=100")
     stack.start("it-stop-synth", *command)
     deadline = time.monotonic() + 300
     while not any(re.fullmatch(r"stopped/part-[\w-]+\.parquet", key) for key in keys()):
@@ -180,7 +182,7 @@ def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(st
 
 
 @pytest.mark.slow
-def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local):  # noqa: F811
+def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local):
     import ray
 
     exports = stack.exports

@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines import config as config_module
-from upsr.typed_config import ConfigError, flatten, to_dict
+from upsr.config_loader import ConfigError, flatten, to_dict
 
 
 def test_defaults_are_the_papers_values():
@@ -66,3 +66,29 @@ def test_missing_or_broken_file_is_named(tmp_path):
     broken.write_text("synth: [unclosed\n")
     with pytest.raises(ConfigError, match=f"{broken} is not valid YAML"):
         config_module.load(broken)
+
+
+def test_configs_compose_through_base_and_several_files(tmp_path):
+    from cli import config as root_config
+
+    tiny, tune_tiny = config_module.load("configs/tiny.yaml"), root_config.load("configs/tune_tiny.yaml")
+    assert tune_tiny.denoiser == tiny.denoiser and tune_tiny.aux == tiny.aux  # from its base
+    assert (tune_tiny.train.steps, tiny.train.steps) == (12, 30)  # its own difference
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  steps: 7\n")
+    both = config_module.load(["configs/tiny.yaml", overlay], ["train.lr=1e-3"])
+    assert (both.train.steps, both.train.lr, both.denoiser) == (7, 1e-3, tiny.denoiser)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="its base files include itself"):
+        config_module.load(loop)
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    from cli.main import main
+
+    assert main(["train", "--data", "unused", "--aux", "unused", "--config", "configs/tiny.yaml",
+                 "--set", "train.steps=3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 3" in printed and config_module.load("configs/tiny.yaml", ["train.steps=3"]) == \
+        config_module.from_yaml(printed)

@@ -19,14 +19,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import config as config_module
-from pipelines.cli import build_parser
+from cli.main import build_parser
 from pipelines.errors import UserError
 from pipelines.dataset import MANIFEST, SCHEMA_VERSION, SHARD_SCHEMA
 from pipelines.eval_set import DATASET, LR_ONLY, PAIRS, open_eval_set
 from pipelines.evaluate import METRICS, summary_uri
 from pipelines.images import encode_png
 from pipelines.registry import ModelRef
-from tests.support import encode, photo, ray_local  # noqa: F401
+from tests.support import encode, photo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_cli_parses_evaluate_and_promote():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local):  # noqa: F811
+def workspace(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("evaluate")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)

@@ -178,8 +178,8 @@ def test_kuberay_manifests_use_the_api_pin_ray_and_enable_token_auth():
 
 
 def test_rayjobs_run_existing_upsr_jobs_whose_arguments_and_configs_load():
-    from pipelines import config as config_module
-    from pipelines.cli import JOBS, build_parser
+    from cli import config as root_config
+    from cli.main import JOBS, build_parser
 
     jobs_seen = set()
     for path, doc in kube_objects("RayJob"):
@@ -189,15 +189,16 @@ def test_rayjobs_run_existing_upsr_jobs_whose_arguments_and_configs_load():
         assert "runtimeEnvYAML" not in spec or not re.search("KEY|SECRET|TOKEN|PASSWORD", spec["runtimeEnvYAML"])
         for command in upsr_commands(spec["entrypoint"]):
             job = command[1]
-            assert job in JOBS, f"{path.name}: `upsr {job}` is not a job of pipelines.cli.JOBS"
+            assert job in JOBS, f"{path.name}: `upsr {job}` is not a job of cli.main.JOBS"
             try:
                 args = build_parser(job).parse_args(command[1:])
             except SystemExit:
                 pytest.fail(f"{path.name}: `{shlex.join(command)}` does not parse")
-            assert args.config.startswith(IMAGE_IN_CONTAINER), path.name
-            config_file = REPO / args.config[len(IMAGE_IN_CONTAINER):]
-            assert config_file.is_file(), f"{path.name}: {args.config} is not in the image (no {config_file})"
-            config = config_module.load(config_file, args.set)
+            for config_path in args.config:
+                assert config_path.startswith(IMAGE_IN_CONTAINER), path.name
+                config_file = REPO / config_path[len(IMAGE_IN_CONTAINER):]
+                assert config_file.is_file(), f"{path.name}: {config_path} is not in the image (no {config_file})"
+                config = root_config.load(config_file, args.set)
             for uri in (getattr(args, "data", None), getattr(args, "output", None), getattr(args, "aux", None)):
                 assert uri is None or uri.startswith("s3://"), (path.name, uri)
             for section in ("train", "aux_train"):
@@ -241,7 +242,7 @@ def test_mlflow_stack_proxies_artifacts_to_s3_with_postgres_and_the_pinned_mlflo
 
 
 def test_docs_call_only_existing_jobs():
-    from pipelines.cli import JOBS
+    from cli.main import JOBS
 
     for name in ("cluster.md", "operations.md"):
         text = (REPO / "docs" / name).read_text()

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import config as config_module
 from pipelines.dataset import MANIFEST, MARKER
-from tests.support import VENV_BIN, ray_local, write_photos  # noqa: F401
+from tests.support import VENV_BIN, write_photos
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local):  # noqa: F811
+def workspace(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("interrupts")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
@@ -150,7 +150,7 @@ def register_tiny(workspace, seed: int) -> str:
     """A tiny randomly initialised checkpoint registered as a new version of MODEL (@challenger)."""
     import torch
 
-    from pipelines import tracking
+    from pipelines import registry, tracking
     from upsr.aux_net import build_aux_net
     from upsr.checkpoint import CheckpointConfig, save_checkpoint
     from upsr.denoiser import build_denoiser
@@ -166,7 +166,7 @@ def register_tiny(workspace, seed: int) -> str:
     experiment = tracking.connect(config.mlflow)
     run_id = mlflow.start_run(experiment_id=experiment, run_name=f"model-{seed}").info.run_id
     mlflow.end_run()
-    return str(tracking.log_and_register_model(config.mlflow, run_id, folder))
+    return str(registry.log_and_register_model(config.mlflow, run_id, folder))
 
 
 def test_sigint_to_promote_moves_nothing_and_the_rerun_decides(workspace, trained):

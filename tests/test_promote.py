@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipelines import config as config_module
 from pipelines.errors import UserError
-from tests.support import encode, photo, ray_local  # noqa: F401
+from tests.support import encode, photo
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "upsr-promote-tests"
@@ -68,7 +68,7 @@ def test_paired_scores_refuse_evaluations_of_different_images():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local, tiny_config):  # noqa: F811
+def workspace(tmp_path_factory, ray_local, tiny_config):
     root = tmp_path_factory.mktemp("promote")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)

@@ -139,7 +139,7 @@ def corrupt(state: dict, how: str) -> dict:
     ("buffer", "relative_position_index' differs from the value the denoiser computes"),
 ])
 def test_bad_checkpoints_are_named_and_nothing_is_written(release_files, tmp_path, how, message):
-    from pipelines.cli import main
+    from cli.main import main
 
     path = tmp_path / "bad.pth"
     torch.save({"params_ema": corrupt(release_files["denoiser_net"].state_dict(), how)}, path)
@@ -189,7 +189,7 @@ def test_import_official_end_to_end_and_register(release_files, tmp_path, monkey
     """The CLI writes a folder that ``upsr.load`` samples exactly as the in-memory release nets do,
     and registers it in MLflow."""
     import upsr
-    from pipelines.cli import main
+    from cli.main import main
     from upsr.inference import UPSRPipeline
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

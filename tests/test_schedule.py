@@ -7,7 +7,7 @@ import torch
 
 from upsr.config import DiffusionConfig
 from upsr.schedule import eta_schedule
-from upsr.typed_config import ConfigError, from_dict
+from upsr.config_loader import ConfigError, from_dict
 
 
 def test_upsr_default_schedule_matches_published_values():

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import config as config_module
-from tests.support import TEST_SECRET, VENV_BIN, free_port, ray_local, write_photos  # noqa: F401
+from tests.support import TEST_SECRET, VENV_BIN, free_port, write_photos
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def files_under(*folders: Path) -> list[Path]:
     return [path for folder in folders for path in folder.rglob("*") if path.is_file()]
 
 
-def test_credentials_reach_nothing_the_jobs_write(mlflow_server, tmp_path, ray_local, monkeypatch):  # noqa: F811
+def test_credentials_reach_nothing_the_jobs_write(mlflow_server, tmp_path, ray_local, monkeypatch):
     import ray
 
     from pipelines.synth import synthesize

@@ -64,18 +64,6 @@ def test_coverage_of_the_true_mean_is_close_to_the_confidence():
     assert 0.88 <= covered / experiments <= 0.99
 
 
-def test_chunked_resampling_equals_one_draw_per_chunk_boundary(monkeypatch):
-    # Chunking bounds memory; it must not change the numbers.
-    import upsr.stats
-
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(size=30), rng.normal(size=30)
-    whole = paired_bootstrap(a, b, samples=999)
-    monkeypatch.setattr(upsr.stats, "_CHUNK_VALUES", 30 * 7)  # 7 samples per chunk, a ragged last one
-    chunked = paired_bootstrap(a, b, samples=999)
-    assert (chunked.ci_low, chunked.ci_high) == (whole.ci_low, whole.ci_high)
-
-
 @pytest.mark.parametrize("candidate, reference, message", [
     ([1.0], [0.0], "at least 2"),
     ([1.0, 2.0], [0.0], "1-D arrays of one length"),

@@ -16,7 +16,7 @@ from pipelines.dataset import MANIFEST, QUARANTINE, IncompleteDataset, open_data
 from pipelines.images import decode_png
 from pipelines.synth import CONFIG_FILE, synthesize
 from pipelines.synth_verify import verify
-from tests.support import TEST_SECRET, VENV_BIN, encode, make_bucket, photo, ray_local, s3_endpoint  # noqa: F401
+from tests.support import TEST_SECRET, VENV_BIN, encode, make_bucket, photo
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(source, tmp_path_factory, ray_local):  # noqa: F811
+def dataset(source, tmp_path_factory, ray_local):
     output = tmp_path_factory.mktemp("data") / "set"
     manifest = synthesize(str(source), str(output), config_module.load("configs/tiny.yaml", OVERRIDES))
     return output, manifest
@@ -134,7 +134,7 @@ def test_same_rows_whatever_the_number_of_workers_and_batching(dataset, source, 
     assert read_rows(tmp_path / "other").equals(read_rows(output))
 
 
-def test_no_processable_file_is_a_clear_error(tmp_path, ray_local):  # noqa: F811
+def test_no_processable_file_is_a_clear_error(tmp_path, ray_local):
     folder = write_tree(tmp_path / "bad", {k: v for k, (v, _) in BAD.items()})
     with pytest.raises(UserError, match="none of the 5 image files"):
         synthesize(str(folder), str(tmp_path / "out"), config_module.load("configs/tiny.yaml", OVERRIDES))
@@ -167,7 +167,7 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
 
 
-def test_s3_source_and_output(tmp_path, s3_endpoint, ray_local):  # noqa: F811
+def test_s3_source_and_output(tmp_path, s3_endpoint, ray_local):
     client = make_bucket(s3_endpoint, "synth-test")
     for name in ("a.png", "nested/b.jpg"):
         client.put_object(Bucket="synth-test", Key=f"photos/{name}", Body=GOOD[name])

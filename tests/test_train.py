@@ -30,7 +30,7 @@ from pipelines.dataset import open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import synthesize
 from pipelines.train_data import split_sources
-from tests.support import VENV_BIN, make_bucket, photo, ray_local, s3_endpoint, write_photos  # noqa: F401
+from tests.support import VENV_BIN, make_bucket, photo, write_photos
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_OVERRIDES = ["synth.crop_size=128", "synth.crops_per_image=8", "train_data.materialize=true"]
@@ -43,7 +43,7 @@ def losses(client: MlflowClient, run_id: str, key: str = "loss") -> list[tuple[i
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local):  # noqa: F811
+def workspace(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("train")
     photos = write_photos(root / "photos")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -164,7 +164,7 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
 
     version = client.get_model_version_by_alias("upsr", "challenger")
     assert version.run_id == result.run_id
-    import pipelines.tracking  # noqa: F401  (registers the models:/ resolver)
+    import pipelines.registry  # noqa: F401  (registers the models:/ resolver)
 
     pipeline = upsr.load("models:/upsr@challenger")
     lr_image = photo(32, 48, 7)
@@ -306,7 +306,7 @@ def test_consecutive_nan_batches_stop_the_run(workspace, aux_run):
 
 
 @pytest.mark.slow
-def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint):  # noqa: F811
+def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint):
     from pipelines.train import train
 
     client = make_bucket(s3_endpoint, "train-runs")
@@ -443,7 +443,7 @@ def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_pa
     import json as json_module
 
     from pipelines.train import resolve_aux
-    from upsr.typed_config import to_dict
+    from upsr.config_loader import to_dict
 
     config = config_module.load(REPO / "configs" / "tiny.yaml")
     with pytest.raises(UserError, match="no such file or folder"):

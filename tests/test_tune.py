@@ -17,14 +17,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cli import config as root_config
 from pipelines import config as config_module
-from tests.support import ray_local, write_photos  # noqa: F401
+from tests.support import write_photos
 from tune.config import TuneConfig
-from upsr.typed_config import ConfigError
+from upsr.config_loader import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE_TINY = REPO / "configs" / "tune_tiny.yaml"
@@ -32,7 +32,7 @@ BASE_OVERRIDES = ["synth.crop_size=64"]
 
 
 def tiny_tune(*overrides: str):
-    return config_module.load(TUNE_TINY, list(overrides))
+    return root_config.load(TUNE_TINY, list(overrides))
 
 
 # --- the search space, variants and objective (no Ray) ---------------------------------------
@@ -44,7 +44,7 @@ def test_search_space_of_the_tiny_config_becomes_ray_tune_dimensions():
     from tune.space import check_space, param_space
 
     config = tiny_tune()
-    check_space(config)
+    check_space(config.jobs(), config.tune)
     space = param_space(config.tune)
     assert set(space) == {"values"}
     values = space["values"]
@@ -70,7 +70,7 @@ def test_optuna_proposes_points_inside_the_space_that_make_valid_configs():
         values = point["values"]
         assert 0.02 <= values["weight.tau"] <= 0.5 and 0.2 <= values["weight.floor"] <= 0.8
         assert values["weight.family"] in ("linear", "power", "logistic") and values["diffusion.steps"] in (4, 5, 6)
-        trial = trial_config(config, config.tune, point, "trial")
+        trial = trial_config(config.jobs(), config.tune, point, "trial")
         assert trial.weight.tau == values["weight.tau"] and trial.diffusion.steps == values["diffusion.steps"]
     assert len({p["values"]["weight.tau"] for p in points}) == 6
 
@@ -95,7 +95,8 @@ def test_search_space_errors_name_the_key_before_any_trial(overrides, message):
     from tune.space import check_space
 
     with pytest.raises(ConfigError, match=message):
-        check_space(tiny_tune(*overrides))
+        config = tiny_tune(*overrides)
+        check_space(config.jobs(), config.tune)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -119,14 +120,14 @@ def test_tune_section_errors_name_the_key(overrides, message):
 def test_variants_set_several_keys_and_the_objective_is_explicit():
     from tune.space import trial_config, trial_overrides
 
-    config = config_module.load(REPO / "configs" / "ablation.yaml")
+    config = root_config.load(REPO / "configs" / "ablation.yaml")
     settings = config.tune
     point = {"values": {"train.seed": 2}, "variants": {"arm": "baseline"}}
     assert trial_overrides(settings, point) == {"weight.tau": 0.0, "denoiser.use_sr_condition": False,
                                                 "train.seed": 2}
-    baseline = trial_config(config, settings, point, "trial")
+    baseline = trial_config(config.jobs(), settings, point, "trial")
     assert baseline.weight.tau == 0.0 and baseline.denoiser.use_sr_condition is False and baseline.train.seed == 2
-    both = trial_config(config, settings, {"values": {"train.seed": 0}, "variants": {"arm": "both"}}, "trial")
+    both = trial_config(config.jobs(), settings, {"values": {"train.seed": 0}, "variants": {"arm": "both"}}, "trial")
     assert both.weight.tau == config.weight.tau > 0 and both.denoiser.use_sr_condition is True
 
     tiny = TuneConfig(objective={"val_psnr": 1.0, "val_lpips": -20.0})
@@ -141,13 +142,13 @@ def test_ablation_config_is_four_arms_times_three_seeds_on_equal_terms():
 
     from tune.space import check_space, param_space, trial_config
 
-    config = config_module.load(REPO / "configs" / "ablation.yaml")
-    check_space(config)
+    config = root_config.load(REPO / "configs" / "ablation.yaml")
+    check_space(config.jobs(), config.tune)
     points = [point for _, point in generate_variants(param_space(config.tune))]
     assert len(points) == 12
     arms = {}
     for point in points:
-        trial = trial_config(config, config.tune, point, "trial")
+        trial = trial_config(config.jobs(), config.tune, point, "trial")
         arms.setdefault(point["variants"]["arm"], []).append(trial)
     assert list(arms) == ["baseline", "unw", "condition", "both"]
     flags = {name: {(t.weight.tau > 0, t.denoiser.use_sr_condition) for t in trials} for name, trials in arms.items()}
@@ -161,26 +162,12 @@ def test_ablation_config_is_four_arms_times_three_seeds_on_equal_terms():
                 config.train.steps, config.train_data, config.diffusion, config.loss)
 
 
-def test_tune_configs_keep_their_twins_sections():
-    """The config loader reads one file: the tune configs copy their twins' sections, and this
-    keeps the copies in step (train and tune are where they differ on purpose)."""
-    def sections(name: str) -> dict:
-        return yaml.safe_load((REPO / "configs" / name).read_text())
+def test_the_search_configs_are_valid_searches():
+    from tune.space import check_space
 
-    tiny, tune_tiny, paper, tune_paper = (sections(n) for n in ("tiny.yaml", "tune_tiny.yaml", "upsr_x4.yaml",
-                                                                 "tune.yaml"))
-    for key in set(tiny) | set(tune_tiny):
-        if key not in ("train", "tune", "train_data"):
-            assert tune_tiny.get(key) == tiny.get(key), key
-    assert tune_tiny["train_data"] == tiny["train_data"] | {"materialize": True}
-    for key in set(paper) | set(tune_paper):
-        if key not in ("train", "tune"):
-            assert tune_paper.get(key) == paper.get(key), key
-    assert set(tune_paper["tune"]["search_space"]) == set(tune_tiny["tune"]["search_space"])
-    for name in ("tune.yaml", "ablation.yaml"):
-        from tune.space import check_space
-
-        check_space(config_module.load(REPO / "configs" / name))
+    for name in ("tune.yaml", "tune_tiny.yaml", "ablation.yaml"):
+        config = root_config.load(REPO / "configs" / name)
+        check_space(config.jobs(), config.tune)
 
 
 def test_concurrent_trials_follow_the_cluster_and_the_per_trial_resources():
@@ -219,7 +206,7 @@ def test_exit_status_and_best_trial_follow_the_outcomes():
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_local):  # noqa: F811
+def workspace(tmp_path_factory, ray_local):
     import torch
     from safetensors.torch import save_file
 
@@ -285,7 +272,7 @@ def test_asha_search_stops_a_worse_trial_early_and_writes_the_best_config(worksp
         "train.steps=16", "tune.objective={val_ssim: 1.0}", "tune.scheduler=asha", "tune.grace_period=3",
         "tune.reduction_factor=2")
     before = {pg["placement_group_id"] for pg in live_placement_groups(wait_s=0)}
-    outcome = search(workspace["data"], workspace["aux"], config, "asha")
+    outcome = search(workspace["data"], workspace["aux"], config.jobs(), config.tune, "asha")
 
     assert len(outcome.trials) == 4
     by_lr = {lr: [t for t in outcome.trials if t.point["variants"]["lr"] == lr] for lr in ("good", "tiny")}
@@ -339,8 +326,7 @@ def test_a_failing_trial_is_reported_the_search_goes_on_and_resumes(workspace, c
     diverges (NaN batches) and fails; the command exits 0, logs the failure and lists it in the
     search's run and report. Running it again resumes the search: only the failed trial runs
     again."""
-    from pipelines import tune as tune_command
-    from pipelines.cli import run_job
+    from cli.main import main
     from tune.search import COMPLETED, FAILED
 
     variants = ("tune.variants={arm: {options: {baseline: {weight.tau: 0.0, denoiser.use_sr_condition: false}, "
@@ -352,7 +338,7 @@ def test_a_failing_trial_is_reported_the_search_goes_on_and_resumes(workspace, c
     argv = ["--data", workspace["data"], "--aux", workspace["aux"], "--config", str(TUNE_TINY), "--name", "arms",
             "--report", str(tmp_path / "ablation.md"), *[a for o in overrides for a in ("--set", o)]]
     with caplog.at_level(logging.INFO):
-        assert run_job(tune_command, argv) == 0
+        assert main(["tune", *argv]) == 0
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "FAILED" in r.getMessage()]
     assert len(failures) == 1 and "2 consecutive non-finite steps" in failures[0], failures
 
@@ -378,7 +364,7 @@ def test_a_failing_trial_is_reported_the_search_goes_on_and_resumes(workspace, c
     # Resume: the same name under the same storage continues the search with Tuner.restore.
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert run_job(tune_command, argv) == 0
+        assert main(["tune", *argv]) == 0
     assert any("resuming it" in r.getMessage() for r in caplog.records)
     runs = children(parent_id)
     assert sorted(run.data.tags["variant.arm"] for run in runs) == ["baseline", "diverges", "diverges"]

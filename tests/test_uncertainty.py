@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from upsr.config import NoiseWeightConfig
-from upsr.typed_config import ConfigError, from_dict
+from upsr.config_loader import ConfigError, from_dict
 from upsr.uncertainty import (
     WEIGHT_FAMILIES,
     family_weight,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.cli import main
+from cli.main import main
 from tests.conftest import REPO
 
 

@@ -4,20 +4,24 @@ Search-space keys are dotted keys of the whole config (``weight.tau``, ``train.l
 they exist and that every value the space can produce has the right type is checked by
 ``tune.space`` against the root config before any trial starts (this module cannot import
 the root config: ``pipelines.config`` imports it). Invalid values here raise ``ValueError``
-naming the key; ``upsr.typed_config`` adds the file and section.
+naming the key; ``upsr.config_loader`` adds the file and section.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
+
+from pydantic.dataclasses import dataclass
+
+from upsr.config_loader import SECTION
 
 # What ``upsr train``'s validation logs (DiffusionTask.validate): the objective's vocabulary.
 VALIDATION_METRICS = ("val_psnr", "val_ssim", "val_lpips")
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class Distribution:
     """One searched key: exactly one of the four, e.g. ``{loguniform: [0.01, 0.5]}``.
 
@@ -52,7 +56,7 @@ class Distribution:
         return getattr(self, self.kind)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class VariantSet:
     """Named variants that each set several keys at once (e.g. the ablation's arms).
 
@@ -68,7 +72,7 @@ class VariantSet:
             raise ValueError("options needs at least one named variant")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TuneConfig:
     """``upsr tune``: which keys to search, how, and what "better" means.
 

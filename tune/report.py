@@ -6,27 +6,25 @@ Everything comes from MLflow: the search's run (its resolved config, dataset man
 machine tags) and its child runs (final validation metrics, params, configs), so the report
 can be regenerated at any time:
 
-    python -m tune.report --parent-run RUN_ID --out docs/ablation.md
+    upsr tune-report --parent-run RUN_ID --out docs/ablation.md
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipelines.cli import run_job
-from pipelines.errors import UserError
-from pipelines.config import Config, MlflowConfig
-from upsr.typed_config import from_dict
+from pipelines import trials as pipeline
+from pipelines.trials import Config, MlflowConfig, UserError
+from tune.config import TuneConfig
+from upsr.config_loader import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -47,53 +45,36 @@ class Group:
         return [run.data.metrics[metric] for run in self.runs if metric in run.data.metrics]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.synth import add_config_arguments
-
-    parser.add_argument("--parent-run", required=True, help="MLflow run id of the search (`upsr tune` logs it)")
-    parser.add_argument("--out", required=True, help="Markdown file to write; the plot goes beside it (.png)")
-    parser.add_argument("--group-by", help="variant set to group trials by (default: the search's only one)")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from pipelines import config as config_module
-
-    config = config_module.load(args.config, args.set)
-    write_report(config.mlflow, args.parent_run, args.out, args.group_by)
-    return 0
-
-
 def write_report(settings: MlflowConfig, parent_run_id: str, out: str | Path, group_by: str | None = None) -> Path:
     """Write the report and its plot, log both to the search's run, return the Markdown path."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
     from tune.search import COMPLETED, OUTCOME_TAG
     from tune.trial import VARIANT_TAG_PREFIX
 
-    experiment_id = tracking.connect(settings)
+    experiment_id = pipeline.connect(settings)
     client = MlflowClient()
     try:
         parent = client.get_run(parent_run_id)
     except mlflow.exceptions.MlflowException as error:
         raise UserError(f"--parent-run {parent_run_id}: {error}") from None
     base = run_config(parent_run_id)
-    group_by = choose_group(base, group_by)
+    search = search_settings(parent_run_id)
+    group_by = choose_group(search, group_by)
     children = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     current = [run for run in children if run.data.tags.get(OUTCOME_TAG) != "superseded"]
     completed = [run for run in current if run.data.tags.get(OUTCOME_TAG) == COMPLETED]
     groups = []
-    for name, overrides in base.tune.variants[group_by].options.items():
+    for name, overrides in search.variants[group_by].options.items():
         runs = [run for run in completed if run.data.tags.get(f"{VARIANT_TAG_PREFIX}{group_by}") == name]
         groups.append(Group(name, overrides, runs, denoiser_parameters(runs)))
     out = Path(out)
     plot = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     draw(groups, plot, parent.data.tags.get("ray_run_name", parent_run_id))
-    out.write_text(markdown(parent, base, group_by, groups, current, completed, plot.name))
+    out.write_text(markdown(parent, base, search, group_by, groups, current, completed, plot.name))
     client.log_artifact(parent_run_id, str(out), "report")
     client.log_artifact(parent_run_id, str(plot), "report")
     log.info("report of search %s: %s and %s", parent_run_id, out, plot)
@@ -107,8 +88,17 @@ def run_config(run_id: str) -> Config:
     return from_dict(Config, yaml.safe_load(text), source=f"run {run_id} {CONFIG_ARTIFACT}")
 
 
-def choose_group(base: Config, group_by: str | None) -> str:
-    sets = list(base.tune.variants)
+def search_settings(run_id: str) -> TuneConfig:
+    import mlflow
+
+    from tune.search import SEARCH_CONFIG_ARTIFACT
+
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{SEARCH_CONFIG_ARTIFACT}")
+    return from_dict(TuneConfig, yaml.safe_load(text), source=f"run {run_id} {SEARCH_CONFIG_ARTIFACT}")
+
+
+def choose_group(search: TuneConfig, group_by: str | None) -> str:
+    sets = list(search.variants)
     if group_by is None:
         if len(sets) != 1:
             raise UserError(f"the search has {len(sets)} variant sets ({', '.join(sets) or 'none'}): "
@@ -136,7 +126,7 @@ def mean_std(values: list[float], text: str) -> str:
     return f"{text.format(statistics.mean(values))} ± {text.format(statistics.stdev(values))}"
 
 
-def markdown(parent, base: Config, group_by: str, groups: list[Group], current: list[Any], completed: list[Any],
+def markdown(parent, base: Config, search: TuneConfig, group_by: str, groups: list[Group], current: list[Any], completed: list[Any],
              plot_name: str) -> str:
     from tune.search import LPIPS_BACKBONE_TAG, OUTCOME_TAG
     from tune.trial import TRIAL_TAG, VARIANT_TAG_PREFIX
@@ -149,7 +139,7 @@ def markdown(parent, base: Config, group_by: str, groups: list[Group], current: 
     arrows = {True: "↑", False: "↓"}
     lines = [
         f"<!-- Generated by tune/report.py from MLflow run {parent.info.run_id}; do not edit by hand:",
-        f"     python -m tune.report --parent-run {parent.info.run_id} --out <this file> -->",
+        f"     upsr tune-report --parent-run {parent.info.run_id} --out <this file> -->",
         f"# Ablation: {group_by} (search `{search_name}`)",
         "",
         f"Trials of the `upsr tune` search `{search_name}` (MLflow run `{parent.info.run_id}`, "
@@ -166,7 +156,7 @@ def markdown(parent, base: Config, group_by: str, groups: list[Group], current: 
         cells = [mean_std(group.values(metric), text) for metric, _, text, _ in METRICS]
         parameters = f"{group.parameters:,}" if group.parameters is not None else "—"
         lines.append(f"| {group.name} | {sets} | {len(group.runs)} | {parameters} | " + " | ".join(cells) + " |")
-    searched = ", ".join(f"`{key}`" for key in base.tune.search_space) or "none"
+    searched = ", ".join(f"`{key}`" for key in search.search_space) or "none"
     counts = manifest.get("counts", {})
     synth = manifest.get("config", {}).get("synth", {})
     lines += [
@@ -206,8 +196,8 @@ def markdown(parent, base: Config, group_by: str, groups: list[Group], current: 
         f"- Scale: {train.steps} steps on {counts.get('rows', '?')} crops against the paper's 200k steps on "
         "ImageNet. Differences between groups at this scale show what the code does, not whether the paper's "
         "ranking reproduces; compare them with the spread across seeds before reading anything into them.",
-        f"- All groups share the data, the steps, the aux net and the validation images; only the keys in "
-        f"the `sets` column differ (and, within a group, `train.seed`).",
+        "- All groups share the data, the steps, the aux net and the validation images; only the keys in "
+        "the `sets` column differ (and, within a group, `train.seed`).",
     ]
     excluded = [run for run in current if run not in completed]
     if excluded:
@@ -264,7 +254,3 @@ def draw(groups: list[Group], path: Path, title: str) -> None:
     figure.suptitle(f"search {title}: mean and std per group, dots are trials", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-
-
-if __name__ == "__main__":
-    sys.exit(run_job(sys.modules[__name__]))

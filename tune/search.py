@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import ray.tune
+import yaml
 
-from pipelines import config as config_module
-from pipelines import storage
-from pipelines.errors import UserError
-from pipelines.config import Config, MlflowConfig, TrainConfig
+from pipelines import trials as pipeline
+from pipelines.trials import Config, MlflowConfig, TrainConfig, UserError
 from tune.config import VALIDATION_METRICS, TuneConfig
 from tune.space import check_space, param_space, trial_config, trial_overrides
 from tune.trial import OBJECTIVE, TRIAL_TAG, VARIANT_TAG_PREFIX, SearchContext, StoppedTrialCleaner, run_trial
+from upsr.config_loader import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ JOB = "tune"
 OUTCOME_TAG = "tune_outcome"
 LPIPS_BACKBONE_TAG = "lpips_backbone"
 SUMMARY_ARTIFACT = "summary/trials.csv"
+SEARCH_CONFIG_ARTIFACT = "config/tune.yaml"
 BEST_CONFIG_ARTIFACT = "best"
 # Outcomes of a trial: it ran all its steps, the scheduler stopped it, it raised, or the
 # search ended (was interrupted) before it did.
@@ -109,40 +110,33 @@ def reports_per_trial(train: TrainConfig) -> int:
     return math.ceil(train.steps / train.checkpoint_every)
 
 
-def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutcome:
-    """Run (or resume) the search ``name``; returns its trials, the best one and where its config went.
+def search(data_uri: str, aux_uri: str, config: Config, settings: TuneConfig, name: str) -> SearchOutcome:
+    """Run (or resume) the search ``name`` of ``settings`` over trials of ``config``; returns its
+    trials, the best one and where its config went.
 
     Everything that can be wrong with the config, the aux net or the data is found before the
     first trial starts.
     """
-    from pipelines import tracking
-    from pipelines.ray_env import init_ray
-    from pipelines.train import resolve_aux
-    from pipelines.train_data import open_training_data
-    from pipelines.training_loop import storage_settings
-
     if not _SEARCH_NAME.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder and runs)")
-    settings = config.tune
-    config, _ = resolve_aux(aux_uri, config)
-    check_space(config)
+    check_space(config, settings)
     trial_scheduler = scheduler(settings, config.train)
-    init_ray(config.ray)
-    data = open_training_data(data_uri, config.train_data, config.storage)
+    pipeline.init_ray(config)
+    config, data = pipeline.open_search_inputs(data_uri, aux_uri, config)
     if data.val is None:
         raise UserError(f"{data_uri}: train_data.val_fraction = {config.train_data.val_fraction} leaves no "
                         f"validation photographs among {len(data.train_sources)}; a search needs them for its "
                         "objective")
     resources = ray.cluster_resources()
     concurrency = concurrent_trials(settings, config.train, resources)
-    storage_path, filesystem, storage_uri = storage_settings(
+    storage_path, filesystem, storage_uri = pipeline.checkpoint_storage(
         replace(config.train, storage_path=settings.storage_path or config.train.storage_path), config)
     experiment_path = f"{storage_path}/{name}"
     resumed = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
 
     # Driver-side MLflow calls use the resolved URI; the config that trials log keeps the user's setting.
-    mlflow_settings = replace(config.mlflow, tracking_uri=tracking.tracking_uri(config.mlflow))
-    parent_run_id = open_search_run(mlflow_settings, name, config, data.dataset, resumed)
+    mlflow_settings = replace(config.mlflow, tracking_uri=pipeline.tracking_uri(config.mlflow))
+    parent_run_id = open_search_run(mlflow_settings, name, config, settings, data.dataset, resumed)
     record_search_facts(mlflow_settings, parent_run_id, config, resources, resumed, {
         "objective": settings.describe_objective(), "max_concurrent_trials_resolved": concurrency,
         "data": data.dataset.location.uri, "aux": config.aux.weights, "search_storage": f"{storage_uri}/{name}"})
@@ -153,7 +147,7 @@ def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutc
     runtime = replace(config, train=replace(config.train, storage_path=f"{storage_uri}/{name}/train"))
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, context=SearchContext(
-            runtime, data.dataset.location.uri, data, name, parent_run_id, cleaner, mlflow_settings.tracking_uri)),
+            runtime, settings, data, name, parent_run_id, cleaner, mlflow_settings.tracking_uri)),
         {"CPU": settings.driver_cpus})
     log.info("search %s: %s over %s, %s scheduler, objective %s, up to %d trials at once; storage %s/%s",
              name, settings.search_algorithm, describe_space(settings), settings.scheduler,
@@ -174,9 +168,9 @@ def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutc
                                           failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
                                           verbose=1))
     try:
-        tuner.fit()
+        results = tuner.fit()
     except ray.tune.TuneError as error:
-        tracking.finish_run(mlflow_settings, parent_run_id, "FAILED")
+        pipeline.finish_run(mlflow_settings, parent_run_id, "FAILED")
         raise UserError(f"search {name}: {error}") from None
     finally:
         # Every trial has ended: whatever is still registered is a leftover.
@@ -185,14 +179,13 @@ def search(data_uri: str, aux_uri: str, config: Config, name: str) -> SearchOutc
     if leftovers:
         log.info("removed %d Ray Train placement group(s) that stopped trials left", leftovers)
 
-    trials = summarize_trials(ray.tune.ExperimentAnalysis(experiment_path, storage_filesystem=filesystem).trials,
-                              config)
+    trials = summarize_trials(results, config, settings)
     attach_child_runs(mlflow_settings, parent_run_id, trials)
     best = best_trial(trials, settings)
     best_path = None
     if best is not None:
         best_path = Path(settings.best_config_path or Path("runs", "tune", name, "best_config.yaml"))
-        write_best_config(best_path, best, config, name, parent_run_id)
+        write_best_config(best_path, best, config, settings, name, parent_run_id)
     outcome = SearchOutcome(name, parent_run_id, f"{storage_uri}/{name}", trials, best, best_path)
     record_outcome(mlflow_settings, outcome)
     log_outcome(outcome, settings)
@@ -237,30 +230,35 @@ def scheduler(settings: TuneConfig, train: TrainConfig):
 # --- MLflow: the search's run --------------------------------------------------------------
 
 
-def open_search_run(settings: MlflowConfig, name: str, config: Config, dataset, resumed: bool) -> str:
-    """The search's MLflow run: found again when resuming (same config only), else a new one."""
+def open_search_run(settings: MlflowConfig, name: str, config: Config, search: TuneConfig, dataset,
+                    resumed: bool) -> str:
+    """The search's MLflow run: found again when resuming (same config and search only), else a new
+    one. It holds the trials' base config (config/resolved.yaml) and the search (config/tune.yaml)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-
-    config_yaml = config_module.to_yaml(config)
-    experiment_id = tracking.connect(settings)
+    config_yaml = pipeline.to_yaml(config)
+    search_yaml = yaml.safe_dump(to_dict(search), sort_keys=False)
+    experiment_id = pipeline.connect(settings)
     if resumed:
         runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list", max_results=1,
                                   filter_string=f"tags.job = '{JOB}' and tags.ray_run_name = '{name}'",
                                   order_by=["attributes.start_time DESC"])
         if runs:
             run_id = runs[0].info.run_id
-            stored = mlflow.artifacts.load_text(f"runs:/{run_id}/config/resolved.yaml")
-            if stored != config_yaml:
+            stored = (mlflow.artifacts.load_text(f"runs:/{run_id}/config/resolved.yaml"),
+                      mlflow.artifacts.load_text(f"runs:/{run_id}/{SEARCH_CONFIG_ARTIFACT}"))
+            if stored != (config_yaml, search_yaml):
                 raise UserError(f"search {name} was started with another config (MLflow run {run_id}, "
-                                "config/resolved.yaml); resume it with that config or start a new --name")
+                                "config/resolved.yaml and config/tune.yaml); resume it with that config or start "
+                                "a new --name")
             MlflowClient().update_run(run_id, status="RUNNING")
             return run_id
         log.warning("search %s: its MLflow run was not found in %s; opening a new one", name,
-                    storage.redact_uri(settings.tracking_uri))
-    return tracking.start_run(settings, name, config, JOB, dataset.manifest, dataset.manifest_hash, config_yaml)
+                    pipeline.redact_uri(settings.tracking_uri))
+    run_id = pipeline.start_run(settings, name, config, JOB, dataset.manifest, dataset.manifest_hash, config_yaml)
+    MlflowClient().log_text(run_id, search_yaml, SEARCH_CONFIG_ARTIFACT)
+    return run_id
 
 
 def record_search_facts(settings: MlflowConfig, run_id: str, config: Config, resources: dict[str, float],
@@ -269,11 +267,10 @@ def record_search_facts(settings: MlflowConfig, run_id: str, config: Config, res
     and whether LPIPS is meaningful there (pretrained VGG16 weights, or a random trunk)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
     from upsr.losses import default_vgg16_path
 
     if not resumed:
-        tracking.log_run_facts(settings, run_id, facts)
+        pipeline.log_run_facts(settings, run_id, facts)
     weights = Path(config.loss.lpips_backbone) if config.loss.lpips_backbone else default_vgg16_path()
     tags = {
         "machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs",
@@ -287,27 +284,28 @@ def record_search_facts(settings: MlflowConfig, run_id: str, config: Config, res
         client.set_tag(run_id, key, value)
 
 
-def summarize_trials(trials, config: Config) -> list[TrialSummary]:
-    """Each Ray Tune trial's outcome, values and last reported scores; a trial that ended at a
-    step before its last was stopped by the scheduler."""
+def summarize_trials(results: ray.tune.ResultGrid, config: Config, settings: TuneConfig) -> list[TrialSummary]:
+    """Each trial's outcome, values and last reported scores, from Ray Tune's ``ResultGrid``; a
+    trial that ended at a step before its last was stopped by the scheduler."""
     summaries = []
-    for trial in sorted(trials, key=lambda t: t.trial_id):
-        result = trial.last_result or {}
-        point = dict(trial.config)
-        metrics = {key: float(result[key]) for key in (*VALIDATION_METRICS, OBJECTIVE) if key in result}
-        step = result.get("step")
+    for result in results:
+        trial_id = Path(result.path).name  # trial_dirname names a trial's folder after its id
+        last = result.metrics or {}
+        point = dict(result.config or {})
+        metrics = {key: float(last[key]) for key in (*VALIDATION_METRICS, OBJECTIVE) if key in last}
+        step = last.get("step")
         error = None
-        if trial.status == "ERROR":
+        if result.error is not None:
             outcome = FAILED
-            error = last_line(trial.get_error() or "the trial failed without an error file")
-        elif trial.status == "TERMINATED":
-            steps = trial_config(config, config.tune, point, source=f"trial {trial.trial_id}").train.steps
-            outcome = COMPLETED if step is not None and step >= steps else STOPPED_EARLY
-        else:
+            error = last_line(str(result.error))
+        elif step is None:
             outcome = UNFINISHED
-        summaries.append(TrialSummary(trial.trial_id, outcome, point, trial_overrides(config.tune, point), metrics,
-                                      step, int(result.get("training_iteration", 0)), error=error))
-    return summaries
+        else:
+            steps = trial_config(config, settings, point, source=f"trial {trial_id}").train.steps
+            outcome = COMPLETED if step >= steps else STOPPED_EARLY
+        summaries.append(TrialSummary(trial_id, outcome, point, trial_overrides(settings, point), metrics,
+                                      step, int(last.get("training_iteration", 0)), error=error))
+    return sorted(summaries, key=lambda summary: summary.trial_id)
 
 
 def last_line(text: str) -> str:
@@ -325,9 +323,7 @@ def attach_child_runs(settings: MlflowConfig, parent_run_id: str, trials: list[T
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-
-    experiment_id = tracking.connect(settings)
+    experiment_id = pipeline.connect(settings)
     client = MlflowClient()
     children = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
@@ -362,17 +358,18 @@ def best_trial(trials: list[TrialSummary], settings: TuneConfig) -> TrialSummary
     return max(scored, key=lambda t: sign * t.objective)
 
 
-def write_best_config(path: Path, best: TrialSummary, config: Config, name: str, parent_run_id: str) -> None:
+def write_best_config(path: Path, best: TrialSummary, config: Config, settings: TuneConfig, name: str,
+                      parent_run_id: str) -> None:
     """The base config with the best trial's values, ready for ``upsr train --config``."""
-    chosen = trial_config(config, config.tune, best.point, source=f"trial {best.trial_id}")
+    chosen = trial_config(config, settings, best.point, source=f"trial {best.trial_id}")
     scores = ", ".join(f"{key} {value:.4g}" for key, value in best.metrics.items() if key != OBJECTIVE)
     values = ", ".join(f"{key}={value!r}" for key, value in best.overrides.items())
     header = (f"# Best trial of `upsr tune` search {name} (MLflow run {parent_run_id}): trial {best.trial_id},\n"
-              f"# objective {config.tune.describe_objective()} = {best.objective:.6g} at step {best.step} ({scores}).\n"
+              f"# objective {settings.describe_objective()} = {best.objective:.6g} at step {best.step} ({scores}).\n"
               f"# Its values: {values or 'the base config'}.\n"
               "# Train it with: upsr train --data DATA --aux AUX --config <this file>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + config_module.to_yaml(chosen))
+    path.write_text(header + pipeline.to_yaml(chosen))
 
 
 def summary_csv(trials: list[TrialSummary]) -> str:
@@ -400,9 +397,7 @@ def record_outcome(settings: MlflowConfig, outcome: SearchOutcome) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-
-    tracking.connect(settings)
+    pipeline.connect(settings)
     client = MlflowClient()
     run_id = outcome.parent_run_id
     client.log_text(run_id, summary_csv(outcome.trials), SUMMARY_ARTIFACT)

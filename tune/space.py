@@ -2,7 +2,7 @@
 typed config of one trial.
 
 A trial's sampled point is ``{"values": {dotted key: value}, "variants": {set: variant}}``;
-``trial_config`` merges it onto the base config through ``upsr.typed_config``, so a trial
+``trial_config`` merges it onto the base config through ``upsr.config_loader``, so a trial
 gets exactly the checks (key names, types, each section's own rules) that ``--set`` gets.
 ``check_space`` builds the config of every value a dimension can produce (both bounds of a
 range) before the search starts, so that a typo or a wrong type stops the search before any
@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pipelines.config import Config
+from pipelines.trials import Config
 from tune.config import Distribution, TuneConfig
-from upsr.typed_config import ConfigError, from_dict, merge_override, to_dict
+from upsr.config_loader import ConfigError, from_dict, merge_override, to_dict
 
 # What a trial changes: how the diffusion model is built, trained and validated. The dataset
 # (synth, degradation), its train/val split (train_data: opened once for every trial) and the
@@ -60,9 +60,8 @@ def check_reporting(config: Config, source: str) -> None:
                           "the validation split")
 
 
-def check_space(base: Config, source: str = "tune") -> None:
+def check_space(base: Config, settings: TuneConfig, source: str = "tune") -> None:
     """Raise ``ConfigError`` naming the key if any value the space can produce is not a valid config."""
-    settings = base.tune
     check_reporting(base, source)
     explicit = set(settings.search_space)
     for key, distribution in settings.search_space.items():

@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tune.config import TuneConfig
 
 if TYPE_CHECKING:
-    from pipelines.config import Config
+    from pipelines.trials import Config
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,15 @@ class StoppedTrialCleaner:
             self.sweep()
 
 
-def trial_worker(loop_config: dict) -> None:
-    """``upsr train``'s worker, after rank 0 has registered its worker group with the search's cleaner."""
-    import ray.train
+@dataclass(frozen=True)
+class RegisterWorkerGroup:
+    """Run by a trial's rank-0 worker before training: registers its worker group with the cleaner."""
 
-    from pipelines.train import train_worker
+    cleaner: Any
+    trial_placement_group: Any
 
-    if ray.train.get_context().get_world_rank() == 0:
-        ray.get(loop_config["stopped_trial_cleaner"].add.remote(loop_config["trial_placement_group"],
-                                                                ray.util.get_current_placement_group()))
-    train_worker(loop_config)
+    def __call__(self) -> None:
+        ray.get(self.cleaner.add.remote(self.trial_placement_group, ray.util.get_current_placement_group()))
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,9 @@ class SearchContext:
     """What every trial needs besides its sampled point (sent once through the object store)."""
 
     # The base config with the trials' Ray Train storage resolved by the driver (a trial's
-    # working folder is not the driver's).
+    # working folder is not the driver's), and the search's settings.
     config: Config
-    data_uri: str
+    settings: TuneConfig
     # The dataset opened and split once (and decoded once, with train_data.materialize).
     data: Any
     search_name: str
@@ -128,19 +127,15 @@ class SearchContext:
 
 def run_trial(point: dict[str, Any], context: SearchContext) -> None:
     """One trial: ``upsr train`` of the base config with the point's values, no model registered."""
-    from pipelines import tracking
-    from pipelines.train import JOB as TRAIN_JOB
-    from pipelines.training_loop import fit
+    from pipelines import trials
     from tune.space import trial_config
 
     trial_id = ray.tune.get_context().get_trial_id()
-    config = trial_config(context.config, context.config.tune, point, source=f"trial {trial_id}")
+    config = trial_config(context.config, context.settings, point, source=f"trial {trial_id}")
     tags = {"mlflow.parentRunId": context.parent_run_id, SEARCH_TAG: context.search_name, TRIAL_TAG: trial_id,
             **{f"{VARIANT_TAG_PREFIX}{name}": variant for name, variant in point.get("variants", {}).items()}}
-    result = fit(TRAIN_JOB, trial_worker, config.train, config, context.data_uri,
-                 f"{context.search_name}-{trial_id}",
-                 extra_loop_config={"stopped_trial_cleaner": context.stopped_trial_cleaner,
-                                    "trial_placement_group": ray.util.get_current_placement_group()},
-                 callbacks=[ObjectiveReportCallback(config.tune)], run_tags=tags, data=context.data,
-                 tracking_uri=context.tracking_uri)
-    tracking.finish_run(replace(config.mlflow, tracking_uri=context.tracking_uri), result.run_id, "FINISHED")
+    run_id = trials.train_trial(
+        config, context.data, f"{context.search_name}-{trial_id}", tracking_uri=context.tracking_uri,
+        callbacks=[ObjectiveReportCallback(context.settings)], run_tags=tags,
+        rank0_setup=RegisterWorkerGroup(context.stopped_trial_cleaner, ray.util.get_current_placement_group()))
+    trials.finish_run(replace(config.mlflow, tracking_uri=context.tracking_uri), run_id, "FINISHED")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,8 +32,8 @@ from upsr.aux_net import build_aux_net
 from upsr.config import AuxConfig, DenoiserConfig, DiffusionConfig, InferenceConfig, NoiseWeightConfig
 from upsr.denoiser import build_denoiser
 from upsr.diffusion import UNWDiffusion
+from upsr.config_loader import SECTION, ConfigError, from_dict, to_dict
 from upsr.inference import UPSRPipeline
-from upsr.typed_config import ConfigError, from_dict, to_dict
 
 FORMAT_NAME = "upsr-checkpoint"
 # 2: the denoiser has the release's layout (module names, head, Swin shift rule and buffers).
@@ -58,7 +59,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, tampered with or of another format; names the file."""
 
 
-@dataclass
+@pydantic_dataclass(config=SECTION)
 class CheckpointConfig:
     """Everything needed to rebuild the pipeline; the content of ``config.json``."""
 

@@ -1,17 +1,21 @@
 """Config sections of the model library (schedule, noise weighting, networks, losses, inference).
 
-Plain dataclasses whose defaults are the paper's values (DESIGN §1); ``configs/tiny.yaml``
-holds the tiny twin used by tests and CPU demos. Invalid values raise ``ValueError`` naming
-the key; ``upsr.typed_config`` adds the file and section to the message.
+pydantic dataclasses whose defaults are the paper's values (DESIGN §1); ``configs/tiny.yaml``
+holds the tiny twin used by tests and CPU demos. pydantic checks types; each section's
+``__post_init__`` checks its own rules; ``upsr.config_loader`` adds the file and key to messages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
 
+from pydantic.dataclasses import dataclass
 
-@dataclass
+from upsr.config_loader import SECTION
+
+
+@dataclass(config=SECTION)
 class DiffusionConfig:
     """Noise schedule (DESIGN §1): ResShift's exponential schedule with UPSR's cap on eta_1.
 
@@ -33,7 +37,7 @@ class DiffusionConfig:
         )
 
 
-@dataclass
+@dataclass(config=SECTION)
 class NoiseWeightConfig:
     """Uncertainty-guided noise weight (the paper's u; see ``upsr.uncertainty``).
 
@@ -87,7 +91,7 @@ ATD_LIGHT_X4 = {
 }
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DenoiserConfig:
     """ResShift's Swin-UNet in pixel space (DESIGN §1b); the defaults are the release's 119,418,319
     parameters (its ``network_g``: ``head_channels`` is its ``num_feat``, ``swin_dim`` its
@@ -157,7 +161,7 @@ class DenoiserConfig:
         return self.window_size * 2 ** (len(self.channel_mult) - 1)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class AuxConfig:
     """The frozen auxiliary SR net g, any architecture in basicsr's ARCH_REGISTRY (plus the
     release's ATD); the default is the release's ATD light x4."""
@@ -185,7 +189,7 @@ class AuxConfig:
             raise ValueError("l1_weight and lpips_weight must be >= 0")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class LossConfig:
     """Diffusion training loss: MSE(x0_hat, x0) + lpips_weight * LPIPS_vgg(clamp(x0_hat), x0)."""
 
@@ -201,7 +205,7 @@ class LossConfig:
             raise ValueError(f"lpips_weight must be >= 0, got {self.lpips_weight}")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class MetricsConfig:
     """Full-reference metrics: PSNR/SSIM on the Y channel (images in [0, 1]) and LPIPS."""
 
@@ -213,7 +217,7 @@ class MetricsConfig:
             raise ValueError(f"crop_border must be >= 0, got {self.crop_border}")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class InferenceConfig:
     """Sampling and tiling of ``UPSRPipeline.upscale``; tile sizes are in LR pixels."""
 

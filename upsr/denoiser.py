@@ -369,6 +369,6 @@ def make_denoise_fn(denoiser: nn.Module, diffusion: UNWDiffusion) -> DenoiseFn:
     """Adapter for ``UNWDiffusion.sample``: raw ``x_t`` in, the denoiser sees it scaled."""
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return denoiser(diffusion.scale_input(x_t, t), t, cond)
+        return diffusion.denoise(denoiser, x_t, t, cond)
 
     return denoise

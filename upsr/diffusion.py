@@ -95,6 +95,11 @@ class UNWDiffusion:
         """What the denoiser sees: ``x_t / sqrt(eta_t kappa^2 0.3 + 0.25)`` (roughly unit variance)."""
         return x_t * self._at(self._input_scale, t, x_t)
 
+    def denoise(self, denoiser: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:
+        """The denoiser's ``x_0`` prediction from the raw ``x_t``: it sees the preconditioned input."""
+        return denoiser(self.scale_input(x_t, t), t, cond)
+
     def q_sample(
         self,
         x0: torch.Tensor,

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from upsr.config import LossConfig
-from upsr.diffusion import UNWDiffusion
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +98,3 @@ class DiffusionLoss(nn.Module):
             total = total + self.lpips_weight * terms["lpips"]
         terms["loss"] = total
         return terms
-
-
-def training_loss(
-    denoiser: nn.Module,
-    diffusion: UNWDiffusion,
-    loss: DiffusionLoss,
-    x0: torch.Tensor,
-    y: torch.Tensor,
-    cond: torch.Tensor,
-    weight: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """One training objective: ``t`` uniform per sample, ``x_t`` from the anisotropic forward
-    marginal, the denoiser predicts ``x_0`` from the scaled ``x_t``. Images in [-1, 1]."""
-    t = diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = diffusion.q_sample(x0, y, t, weight, noise)
-    x0_hat = denoiser(diffusion.scale_input(x_t, t), t, cond)
-    return loss(x0_hat, x0)

@@ -3,7 +3,8 @@
 The ``tune`` config section holds the search space (any config key of the model, its
 training and validation; named variants that set several keys at once), the search
 algorithm (optuna, random, grid), the scheduler (asha, fifo) and the objective, a weighted
-sum of validation metrics. The search lives in the ``tune`` package; this is its command.
+sum of validation metrics. The search lives in the ``tune`` package; this is its command,
+in the top layer because it reads the root config (``cli.config``).
 
 Exit status: 0 when at least one trial ran to its end or was stopped by the scheduler with a
 score (failed trials are logged and listed in the search's MLflow run), 1 when every trial
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from pipelines import config as config_module
-from pipelines.cli import run_job
+from cli.config import load as load_config
 from pipelines.synth import add_config_arguments
 from pipelines.train_aux import default_run_name
 
@@ -40,12 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from tune.report import write_report
     from tune.search import search
 
-    config = config_module.load(args.config, args.set)
-    outcome = search(args.data, args.aux, config, args.name or default_run_name("upsr-tune"))
+    root = load_config(args.config, args.set)
+    outcome = search(args.data, args.aux, root.jobs(), root.tune, args.name or default_run_name("upsr-tune"))
     if args.report:
-        write_report(config.mlflow, outcome.parent_run_id, args.report)
+        write_report(root.mlflow, outcome.parent_run_id, args.report)
     return 0 if outcome.succeeded else 1
-
-
-if __name__ == "__main__":
-    sys.exit(run_job(sys.modules[__name__]))

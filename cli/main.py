@@ -1,0 +1,56 @@
+"""The ``upsr`` command: one subcommand per job.
+
+Every job of ``pipelines`` also runs as ``python -m pipelines.<job>``; the searches of ``tune``
+run through here (``upsr tune``, ``upsr tune-report``), since they need the root config's
+``tune`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipelines.entry import execute
+
+# subcommand -> (module defining add_arguments(parser) and run(args), summary). Only the chosen
+# job's module is imported, so `upsr --help` does not load torch and Ray.
+JOBS = {
+    "synth": ("pipelines.synth", "synthesise LR/HR training pairs from HR photographs into Parquet (Ray Data)"),
+    "synth-verify": ("pipelines.synth_verify", "re-generate sampled rows of a dataset and check they match"),
+    "demo": ("pipelines.demo", "run the project end to end on embedded defaults (sample photographs, local Ray)"),
+    "upscale": ("pipelines.upscale", "upscale images x4 with a trained UPSR checkpoint"),
+    "import-official": ("pipelines.import_official",
+                        "import the authors' released UPSR weights as a checkpoint folder"),
+    "train-aux": ("pipelines.train_aux", "train the auxiliary SR net on a synthesised dataset (Ray Train, MLflow)"),
+    "train": ("pipelines.train",
+              "train UPSR with a frozen aux net on a synthesised dataset (Ray Train, MLflow registry)"),
+    "tune": ("cli.tune", "search UPSR's noise weighting and other config keys (Ray Tune over Ray Train, MLflow)"),
+    "tune-report": ("cli.tune_report", "write the Markdown report (table and bar plot) of a search from MLflow"),
+    "evaluate": ("pipelines.evaluate",
+                 "batch-evaluate a model on an eval set (Ray Data), per-image metrics to Parquet and MLflow"),
+    "promote": ("pipelines.promote", "move the registry's champion alias to a candidate that beats it on the eval set"),
+}
+
+
+def build_parser(job: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upsr", description=__doc__)
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, (module_name, summary) in JOBS.items():
+        job_parser = sub.add_parser(name, help=summary, description=summary)
+        if name == job:
+            module = importlib.import_module(module_name)
+            module.add_arguments(job_parser)
+            job_parser.set_defaults(run=module.run, load_config=getattr(module, "load_config", None))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(job).parse_args(argv)
+    return execute(args.run, args, args.load_config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Running one job: ``python -m pipelines.<job>`` and the ``upsr`` command both go through here.
+
+Exit codes: 0 done, 1 the job ran but something failed (the job says what), 2 a usage error
+(a path, a flag, a config key), 130 interrupted (Ctrl-C, ``ray job stop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from pipelines.errors import UserError, interrupt_on_sigterm
+from upsr.config_loader import ConfigError
+
+log = logging.getLogger("upsr")
+
+
+def run_job(module, argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.<job>``."""
+    # Run with -m, the module is named __main__; its spec keeps the dotted name.
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__spec__.name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return execute(module.run, parser.parse_args(argv))
+
+
+def execute(run, args, load_config=None) -> int:
+    """Run a job: logging set up, ``--print-config``, user errors and interrupts turned into exit codes.
+
+    ``load_config(paths, overrides)`` reads the job's config for ``--print-config`` (default: the
+    jobs' ``pipelines.config.load``).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `ray job stop` and process managers send SIGTERM: unwind as for Ctrl-C, so that jobs mark
+    # their MLflow runs KILLED instead of leaving them RUNNING.
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()
+    try:
+        if getattr(args, "print_config", False):
+            from pipelines import config as config_module
+
+            load = load_config or config_module.load
+            sys.stdout.write(config_module.to_yaml(load(args.config, args.set)))
+            return 0
+        return run(args) or 0
+    except (ConfigError, UserError) as error:
+        log.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: nothing unfinished was marked finished (a dataset has no manifest yet, a "
+                  "training run is KILLED with its checkpoints kept, the registry is unchanged unless a "
+                  "promotion had completed); run the command again (synth with --overwrite, train with the "
+                  "same --name to resume)")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
