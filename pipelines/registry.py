@@ -33,7 +33,7 @@ from pipelines.config import MlflowConfig
 from pipelines.errors import UserError
 from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT
 from pipelines.storage import redact_uri
-from pipelines.tracking import client, connect
+from pipelines.tracking import client, connect, tracking_uri
 from upsr.checkpoint import register_uri_resolver
 
 log = logging.getLogger(__name__)
@@ -173,3 +173,9 @@ def download_registered_checkpoint(uri: str) -> Path:
 
 
 register_uri_resolver("models:/", download_registered_checkpoint)
+
+
+def use_project_store(settings: MlflowConfig) -> None:
+    """Make ``upsr.load("models:/...")`` in this process read the project's MLflow store (the
+    configured one, MLFLOW_TRACKING_URI, or runs/mlflow.db), as every job does."""
+    mlflow.set_tracking_uri(tracking_uri(settings))

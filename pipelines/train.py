@@ -204,20 +204,36 @@ class DiffusionTask:
     @torch.no_grad()
     def validate(self, ema_model: nn.Module, batches: Iterator, step: int, logger) -> dict[str, float]:
         """The EMA model sampled as it is deployed (``UPSRPipeline``, the configured sampler), batch
-        ``i`` of the first ``val_batches`` with seed ``inference.seed + i``."""
+        ``i`` of the first ``val_batches`` with seed ``inference.seed + i``: PSNR, SSIM, LPIPS, and
+        the diagnostics of ``upsr.diagnostics`` (aux gain, w statistics, PSNR by uncertainty,
+        x0 error per step)."""
+        from upsr import diagnostics
         from upsr.inference import UPSRPipeline
         from upsr.metrics import full_reference_metrics
 
         pipeline = UPSRPipeline(ema_model, self.aux, self.diffusion, self.config.weight, self.config.inference)
-        scores: dict[str, list[torch.Tensor]] = {}
+        per_image: dict[str, list[torch.Tensor]] = {}
+        per_batch: dict[str, list[float]] = {}
         for index, (lr, hr) in zip(range(self.config.train.val_batches), batches):
-            sr = pipeline.upscale(lr, seed=self.config.inference.seed + index)
-            for key, values in full_reference_metrics(sr, hr, self.config.metrics, self.lpips_for_metrics()).items():
-                scores.setdefault(key, []).append(values.float().cpu())
+            seed = self.config.inference.seed + index
+            sr = pipeline.upscale(lr, seed=seed)
+            condition = self.objective.condition(lr)
+            values = full_reference_metrics(sr, hr, self.config.metrics, self.lpips_for_metrics())
+            values |= {"aux_psnr_gain": diagnostics.aux_gain(condition, hr)}
+            values |= diagnostics.psnr_by_uncertainty(sr, hr, condition)
+            for key, value in values.items():
+                per_image.setdefault(key, []).append(value.float().cpu())
+            batch_values = diagnostics.weight_statistics(condition.weight, self.config.weight.floor)
+            generator = torch.Generator(lr.device).manual_seed(seed)
+            errors = diagnostics.x0_error_per_step(ema_model, self.diffusion, condition, hr, generator)
+            batch_values |= {f"x0_mse_t{t}": error for t, error in enumerate(errors)}
+            for key, value in batch_values.items():
+                per_batch.setdefault(key, []).append(value)
             if index == 0:
-                self.log_samples(self.objective.condition(lr), sr, hr, step, logger)
+                self.log_samples(condition, sr, hr, step, logger)
         ema_model.train()
-        return {f"val_{key}": float(torch.cat(values).mean()) for key, values in scores.items()}
+        return ({f"val_{key}": float(torch.cat(values).mean()) for key, values in per_image.items()}
+                | {f"val_{key}": sum(values) / len(values) for key, values in per_batch.items()})
 
     def log_samples(self, condition, sr: torch.Tensor, hr: torch.Tensor, step: int, logger) -> None:
         """Grid LR bicubic | g(y) | w | UPSR | HR, and a histogram of w."""

@@ -142,19 +142,17 @@ def write_failures(out_dir: Path, failures: list[dict[str, str]]) -> None:
 
 
 def load_pipeline(args: argparse.Namespace, config):
-    import mlflow
     import torch
     from mlflow.exceptions import MlflowException
 
     import upsr
-    from pipelines import tracking
+    from pipelines import registry
     from upsr.checkpoint import CheckpointError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
-    # models:/ URIs are looked up in the project's MLflow store, as every job does.
-    mlflow.set_tracking_uri(tracking.tracking_uri(config.mlflow))
+    registry.use_project_store(config.mlflow)
     try:
         pipeline = upsr.load(args.model, device=device)
     except (CheckpointError, MlflowException, OSError) as error:

@@ -163,10 +163,10 @@ def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(st
     def keys() -> set[str]:
         return {item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="stopped/").get("Contents", [])}
 
-    # 100 crops per photograph: each of the nine files is a block of its own, written as soon as
-    # it is degraded, so the first shard appears long before the last file is done.
-    command = ("synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=100")
-    stack.start("it-stop-synth", *command)
+    # 400 crops per photograph (the last --set wins): each of the nine files is a block of its own,
+    # written as soon as it is degraded, so the first shard appears long before the last file is
+    # done (about a minute on two cores), and the stop below lands in the middle.
+    stack.start("it-stop-synth", "synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=400")
     deadline = time.monotonic() + 300
     while not any(re.fullmatch(r"stopped/part-[\w-]+\.parquet", key) for key in keys()):
         assert time.monotonic() < deadline, "the synth job wrote no shard within 300 s"
@@ -177,7 +177,7 @@ def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(st
     assert "stopped/_synth.json" in keys() and "stopped/_manifest.json" not in keys()
     logs = stack.ray("job", "logs", "--address", stack.dashboard, "it-stop-synth").stdout
     assert "interrupted: nothing unfinished was marked finished" in logs, logs[-3000:]
-    stack.submit("it-stop-synth-rerun", *command, "--overwrite")
+    stack.submit("it-stop-synth-rerun", "synth", "--output", output, *CONFIG, "--overwrite")
     assert "stopped/_manifest.json" in keys()
 
 

@@ -155,3 +155,19 @@ def test_a_build_size_mask_is_stored_and_other_sizes_get_theirs(tiny_config):
     block = next(b for b in denoiser.modules() if isinstance(b, SwinBlock) and b.shift)
     assert torch.equal(block.attn_mask, shifted_window_mask(64, 64, 8, 4, "swin"))
     assert torch.equal(block._mask(32, 48, torch.device("cpu")), shifted_window_mask(32, 48, 8, 4, "swin"))
+
+
+def test_residual_prediction_starts_at_the_conditions_first_image(tiny_config):
+    from dataclasses import replace
+
+    for use_sr_condition in (True, False):
+        config = replace(tiny_config.denoiser, predict="residual", use_sr_condition=use_sr_condition)
+        denoiser = build_denoiser(config)
+        cond = torch.randn(1, 6 if use_sr_condition else 3, 64, 64)
+        out = denoiser(torch.randn(1, 3, 64, 64), torch.tensor([3]), cond)
+        assert torch.equal(out, cond[:, :3])  # g(y), or y for the baseline
+        assert layout_of(denoiser) == layout_of(build_denoiser(replace(config, predict="x0")))
+
+
+def layout_of(module):
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}

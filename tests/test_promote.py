@@ -99,7 +99,7 @@ def register(workspace, tiny_config, kind: str) -> str:
     """Save a tiny checkpoint of the given kind, log it from a fresh run and register it (@challenger)."""
     import torch
 
-    from pipelines.tracking import log_and_register_model
+    from pipelines.registry import log_and_register_model
     from upsr.aux_net import build_aux_net, freeze
     from upsr.checkpoint import WEIGHTS_FILE, CheckpointConfig, save_checkpoint
     from upsr.denoiser import build_denoiser

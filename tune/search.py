@@ -349,11 +349,14 @@ def attach_child_runs(settings: MlflowConfig, parent_run_id: str, trials: list[T
 
 
 def best_trial(trials: list[TrialSummary], settings: TuneConfig) -> TrialSummary | None:
-    """The trial with the best last objective (trials stopped early compete with what they reached)."""
+    """The trial with the best last objective among those that ran their full budget; trials stopped
+    early compete (with what they reached) only when none completed. An objective measured after
+    fewer steps is not comparable: the scheduler already judged those trials worse at their rung."""
     scored = [t for t in trials if t.outcome in (COMPLETED, STOPPED_EARLY) and t.objective is not None
               and math.isfinite(t.objective)]
     if not scored:
         return None
+    scored = [t for t in scored if t.outcome == COMPLETED] or scored
     sign = 1 if settings.mode == "max" else -1
     return max(scored, key=lambda t: sign * t.objective)
 

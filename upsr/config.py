@@ -120,6 +120,10 @@ class DenoiserConfig:
     # False gives the ResShift-style baseline: the condition is y alone (48 channels after
     # unshuffling) instead of [g(y), y] (96 channels).
     use_sr_condition: bool = True
+    # "x0": the network's output is the x0 estimate, as in the release. "residual": it is added
+    # to the condition's first image (g(y), or y for the baseline) and starts at zero, so that an
+    # untrained model returns g(y): for short runs (the CPU demo), not the paper's setting.
+    predict: Literal["x0", "residual"] = "x0"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "model_channels", "num_res_blocks", "norm_groups", "swin_dim", "swin_heads",

@@ -326,6 +326,8 @@ class SwinUNetDenoiser(nn.Module):
         self.conv_up2 = nn.Conv2d(head, head, 3, padding=1)
         self.conv_hr = nn.Conv2d(head, head, 3, padding=1)
         self.conv_last = nn.Conv2d(head, IMAGE_CHANNELS, 3, padding=1)
+        if config.predict == "residual":
+            zero_init(self.conv_last)
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
 
     @property
@@ -354,7 +356,8 @@ class SwinUNetDenoiser(nn.Module):
         h = self.conv_before_upsample(h)
         h = self.lrelu(self.conv_up1(F.interpolate(h, scale_factor=2, mode="nearest")))
         h = self.lrelu(self.conv_up2(F.interpolate(h, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(h)))
+        out = self.conv_last(self.lrelu(self.conv_hr(h)))
+        return out + cond[:, :IMAGE_CHANNELS] if self.config.predict == "residual" else out
 
 
 def build_denoiser(config: DenoiserConfig) -> SwinUNetDenoiser:
