@@ -1,4 +1,5 @@
-"""Shared test helpers: credentials for the local S3 endpoint, free ports, small image files.
+"""Shared test helpers: credentials for the local S3 endpoint, free ports, small image files,
+``upsr`` jobs started and interrupted as a user would.
 
 The fixtures (a local Ray instance, a local S3 endpoint) are in conftest.py."""
 
@@ -6,8 +7,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +58,47 @@ def write_photos(folder: Path, count: int = 5) -> Path:
     for index in range(count):
         (folder / f"photo{index}.png").write_bytes(encode(photo(200, 240, index), "PNG"))
     return folder
+
+
+REPO = Path(__file__).resolve().parent.parent
+INTERRUPTED = "interrupted: nothing unfinished was marked finished"
+
+
+def start_job(*args: str) -> subprocess.Popen:
+    """``upsr ARGS`` in its own process (its own private Ray instance), from the repository root."""
+    # SIGINT back to its default in the child: a shell starting the tests in the background
+    # ignores it, and the child would inherit that.
+    return subprocess.Popen([str(VENV_BIN / "upsr"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll ``condition`` until it holds; fail if the job ends first or ``timeout`` passes."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the job ended ({process.returncode}) before {what}:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {what} after {timeout} s")
+        time.sleep(0.1)
+
+
+def interrupt(process: subprocess.Popen) -> str:
+    """SIGINT to the driver, as Ctrl-C sends it; checks the exit (130, the message, no traceback)
+    and returns its stderr."""
+    import pytest
+
+    process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the job did not exit within 120 s of SIGINT")
+    assert process.returncode == 130, stderr[-3000:]
+    assert INTERRUPTED in stderr
+    assert "Traceback" not in stderr.split("interrupted:")[-1]
+    return stderr

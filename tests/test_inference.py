@@ -114,6 +114,7 @@ def test_tiny_denoiser_pads_and_crops_back_to_the_exact_size(tiny_checkpoint):
     assert 0 <= tensor.min() and tensor.max() <= 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_and_tiled_large_image(tiny_checkpoint):
     import upsr
 

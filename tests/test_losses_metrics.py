@@ -45,6 +45,7 @@ def test_lambda_zero_does_not_build_lpips(empty_torch_home):
     assert loss(x0 + 0.5, x0)["loss"].item() == pytest.approx(0.25)
 
 
+@pytest.mark.slow
 def test_vgg_backbone_file_is_loaded_into_the_lpips_trunk(tmp_path, caplog):
     import torchvision
 
@@ -60,6 +61,7 @@ def test_vgg_backbone_file_is_loaded_into_the_lpips_trunk(tmp_path, caplog):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_tiny_denoiser_overfits_one_batch_with_the_real_forward_process(tiny_parts):
     from skimage import data
 

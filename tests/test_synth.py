@@ -18,8 +18,6 @@ from pipelines.synth import CONFIG_FILE, synthesize
 from pipelines.synth_verify import verify
 from tests.support import TEST_SECRET, VENV_BIN, encode, make_bucket, photo
 
-pytestmark = pytest.mark.slow
-
 OVERRIDES = ["synth.crops_per_image=2", "synth.max_pixels=1000000", "synth.batch_size=3"]
 GOOD = {
     "a.png": encode(photo(300, 400, 1), "PNG"),
@@ -65,6 +63,7 @@ def read_rows(folder):
     return pq.read_table(str(folder)).sort_by("id")  # pyarrow skips the _quarantine file ("_" prefix)
 
 
+@pytest.mark.slow
 def test_shards_quarantine_and_manifest(dataset):
     output, manifest = dataset
     counts = manifest["counts"]
@@ -90,12 +89,14 @@ def test_shards_quarantine_and_manifest(dataset):
         assert row["crop"]["w"] == row["crop"]["h"] == 256
 
 
+@pytest.mark.slow
 def test_every_row_replays_bit_exactly(dataset):
     output, _ = dataset
     report = verify(open_dataset(str(output)), sample=0)
     assert report == {"checked": 2 * len(GOOD), "mismatches": []}
 
 
+@pytest.mark.slow
 def test_synth_verify_detects_a_tampered_row(dataset, tmp_path):
     output, manifest = dataset
     copy = tmp_path / "copy"
@@ -116,6 +117,7 @@ def test_synth_verify_detects_a_tampered_row(dataset, tmp_path):
     assert "mismatch in" in result.stderr and "1 mismatches" in result.stderr
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_unless_overwrite(dataset, source):
     output, manifest = dataset
     config = config_module.load("configs/tiny.yaml", OVERRIDES)
@@ -125,6 +127,7 @@ def test_existing_output_is_refused_unless_overwrite(dataset, source):
     assert again["counts"] == manifest["counts"]
 
 
+@pytest.mark.slow
 def test_same_rows_whatever_the_number_of_workers_and_batching(dataset, source, tmp_path):
     output, _ = dataset
     other = config_module.load("configs/tiny.yaml", OVERRIDES + ["synth.batch_size=5", "synth.max_actors=1",
@@ -134,6 +137,7 @@ def test_same_rows_whatever_the_number_of_workers_and_batching(dataset, source, 
     assert read_rows(tmp_path / "other").equals(read_rows(output))
 
 
+@pytest.mark.slow
 def test_no_processable_file_is_a_clear_error(tmp_path, ray_local):
     folder = write_tree(tmp_path / "bad", {k: v for k, (v, _) in BAD.items()})
     with pytest.raises(UserError, match="none of the 5 image files"):
@@ -144,6 +148,7 @@ def test_no_processable_file_is_a_clear_error(tmp_path, ray_local):
         open_dataset(str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points(tmp_path):
     source = write_tree(tmp_path / "src", {"a.png": GOOD["a.png"], "b.jpg": GOOD["nested/b.jpg"]})
     output = tmp_path / "out"
@@ -167,6 +172,7 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
 
 
+@pytest.mark.slow
 def test_s3_source_and_output(tmp_path, s3_endpoint, ray_local):
     client = make_bucket(s3_endpoint, "synth-test")
     for name in ("a.png", "nested/b.jpg"):

@@ -30,7 +30,7 @@ from pipelines.dataset import open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import synthesize
 from pipelines.train_data import split_sources
-from tests.support import VENV_BIN, make_bucket, photo, write_photos
+from tests.support import VENV_BIN, interrupt, make_bucket, photo, start_job, wait_for, write_photos
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_OVERRIDES = ["synth.crop_size=128", "synth.crops_per_image=8", "train_data.materialize=true"]
@@ -132,14 +132,14 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
     import upsr
     from pipelines.train import train
 
-    config = workspace["config"]("train.steps=30", "loss.lpips_weight=0.5")
+    config = workspace["config"]("train.steps=20", "train.validate_every=10", "loss.lpips_weight=0.5")
     result = train(workspace["data"], aux_run.checkpoint_uri, config, "e2e")
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["train.steps"] == "30" and params["denoiser.model_channels"] == "32"
+    assert params["train.steps"] == "20" and params["denoiser.model_channels"] == "32"
     assert params["global_batch_size"] == "8"
     assert params["aux.weights"].endswith("aux.safetensors")
     tags = run.data.tags
@@ -147,16 +147,24 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
     assert tags["ray_version"] and tags["git_commit"]
 
     history = losses(client, result.run_id)
-    assert [step for step, _ in history] == list(range(1, 31))
+    assert [step for step, _ in history] == list(range(1, 21))
     values = [value for _, value in history]
     assert mean(values[-5:]) < 0.8 * mean(values[:5]), values
     assert losses(client, result.run_id, "nonfinite_steps")[-1][1] == 0
-    assert [step for step, _ in losses(client, result.run_id, "val_psnr")] == [15, 30]
+    assert [step for step, _ in losses(client, result.run_id, "val_psnr")] == [10, 20]
+    # The diagnostics of upsr.diagnostics at every validation.
+    metrics = run.data.metrics
+    diagnostics = ["val_aux_psnr_gain", "val_psnr_low_uncertainty", "val_psnr_high_uncertainty", "val_w_mean",
+                   "val_w_at_floor", "val_w_saturated", *(f"val_x0_mse_t{t}" for t in range(config.diffusion.steps))]
+    for key in diagnostics:
+        assert [step for step, _ in losses(client, result.run_id, key)] == [10, 20], key
+    assert config.weight.floor <= metrics["val_w_mean"] <= 1
+    assert 0 <= metrics["val_w_at_floor"] <= 1 and 0 <= metrics["val_w_saturated"] <= 1
 
     samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
-    assert {"samples/grid_step_00000015.png", "samples/grid_step_00000030.png",
-            "samples/w_hist_step_00000030.png"} <= samples
-    grid = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples/grid_step_00000030.png",
+    assert {"samples/grid_step_00000010.png", "samples/grid_step_00000020.png",
+            "samples/w_hist_step_00000020.png"} <= samples
+    grid = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples/grid_step_00000020.png",
                                                dst_path=str(tmp_path))
     assert np.asarray(Image.open(grid)).shape == (4 * 128, 5 * 128, 3)
     assert {a.path for a in client.list_artifacts(result.run_id, "dataset")} == {"dataset/_manifest.json"}
@@ -185,24 +193,63 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
+def test_ctrl_c_marks_the_run_killed_and_the_same_name_resumes_from_s3(workspace, aux_run, s3_endpoint, tmp_path):
+    """``upsr train`` with checkpoints on S3, interrupted with Ctrl-C (SIGINT) after its first
+    registered checkpoint: the run is KILLED, and a second run of the same name resumes from the
+    latest checkpoint there with the step, optimizer, schedule and EMA carried on."""
     from pipelines.train import DiffusionTask, train
     from pipelines.training_loop import STATE_FILE, ema_update, restore_training_state, warmup_factor
     from torch.optim.swa_utils import AveragedModel
 
-    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*QUICK, "train.steps=4"),
-                  "resume")
-    assert Path(first.checkpoint_uri).name == "checkpoint_00000004"
-    second = train(workspace["data"], aux_run.checkpoint_uri,
-                   workspace["config"](*QUICK, "train.steps=8"), "resume")
-    assert Path(second.checkpoint_uri).name == "checkpoint_00000008"
-    client = MlflowClient()
-    assert losses(client, second.run_id, "resumed_from_step") == [(4, 4.0)]
-    assert [step for step, _ in losses(client, second.run_id)] == list(range(5, 9))
+    bucket = make_bucket(s3_endpoint, "train-runs")
+    overrides = [*QUICK, "train.storage_path=s3://train-runs/ray", f"storage.s3_endpoint={s3_endpoint}"]
 
-    # Restoring the step-4 checkpoint into fresh objects reproduces its saved state exactly.
+    def latest_registered_step() -> int | None:
+        # A checkpoint folder appears before Ray Train's controller registers it; a resume starts
+        # from the latest registered one.
+        try:
+            body = bucket.get_object(Bucket="train-runs", Key="ray/resume/checkpoint_manager_snapshot.json")["Body"]
+            return ((json.loads(body.read()).get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step")
+        except (bucket.exceptions.NoSuchKey, ValueError):
+            return None
+
+    settings = [item for override in (*BASE_OVERRIDES, f"mlflow.tracking_uri={workspace['tracking_uri']}",
+                                      f"aux_train.storage_path={workspace['root'] / 'ray'}", *overrides,
+                                      "train.steps=400", "ray.num_cpus=2") for item in ("--set", override)]
+    process = start_job("train", "--data", workspace["data"], "--aux", aux_run.checkpoint_uri,
+                        "--config", "configs/tiny.yaml", *settings, "--name", "resume")
+    wait_for(lambda: latest_registered_step() is not None, "registered checkpoint", process)
+    interrupt(process)
+    runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'resume'",
+                              output_format="list")
+    assert [run.info.status for run in runs] == ["KILLED"]
+    start = latest_registered_step()
+    assert start % 4 == 0
+
+    second = train(workspace["data"], aux_run.checkpoint_uri,
+                   workspace["config"](*overrides, f"train.steps={start + 4}"), "resume")
+    assert second.checkpoint_uri == f"s3://train-runs/ray/resume/checkpoint_{start + 4:08d}"
+    client = MlflowClient()
+    assert client.get_run(second.run_id).info.status == "FINISHED"
+    assert losses(client, second.run_id, "resumed_from_step") == [(start, start)]
+    assert [step for step, _ in losses(client, second.run_id)] == list(range(start + 1, start + 5))
+    assert client.get_model_version_by_alias("upsr", "challenger").run_id == second.run_id
+    keys = {item["Key"] for item in bucket.list_objects_v2(Bucket="train-runs")["Contents"]}
+    for step in (start, start + 4):
+        assert f"ray/resume/checkpoint_{step:08d}/training_state.pt" in keys
+        assert f"ray/resume/checkpoint_{step:08d}/upsr/weights.safetensors" in keys
+
+    def download(uri: str) -> Path:
+        prefix = uri.removeprefix("s3://train-runs/") + "/"
+        folder = tmp_path / Path(prefix).name
+        for key in (k for k in keys if k.startswith(prefix) and not k.endswith("/")):  # not folder markers
+            (folder / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+            bucket.download_file("train-runs", key, str(folder / key[len(prefix):]))
+        return folder
+
+    # Restoring the checkpoint it started from into fresh objects reproduces its saved state exactly.
     config = workspace["config"]("loss.lpips_weight=0")
-    checkpoint = Path(first.checkpoint_uri)
+    checkpoint = download(f"s3://train-runs/ray/resume/checkpoint_{start:08d}")
     task = DiffusionTask(config, torch.device("cpu"))
     model = task.model
     ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay, config.train.ema_warmup),
@@ -211,7 +258,7 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.train.warmup_steps))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = restore_training_state(checkpoint, model, ema, optimizer, scheduler, scaler)
-    assert state.step == 4
+    assert state.step == start
     for name, tensor in load_file(str(checkpoint / "ema.safetensors")).items():
         assert torch.equal(ema.state_dict()[name], tensor), name
     for name, tensor in load_file(str(checkpoint / "model.safetensors")).items():
@@ -221,17 +268,17 @@ def test_resume_continues_step_optimizer_and_ema(workspace, aux_run):
     for index, values in saved["optimizer"]["state"].items():
         for key, tensor in values.items():
             assert torch.equal(restored["state"][index][key], tensor), (index, key)
-    assert scheduler.state_dict()["last_epoch"] == 4
+    assert scheduler.state_dict()["last_epoch"] == start
 
     # The resumed run carried that state on: Adam's step counts, the EMA's average count and
-    # the schedule went on from 4 instead of restarting.
-    final = Path(second.checkpoint_uri)
+    # the schedule went on from there instead of restarting.
+    final = download(second.checkpoint_uri)
     final_state = torch.load(final / STATE_FILE, weights_only=True)
-    assert final_state["step"] == 8
-    assert all(int(values["step"]) == 8 for values in final_state["optimizer"]["state"].values())
-    assert final_state["scheduler"]["last_epoch"] == 8
+    assert final_state["step"] == start + 4
+    assert all(int(values["step"]) == start + 4 for values in final_state["optimizer"]["state"].values())
+    assert final_state["scheduler"]["last_epoch"] == start + 4
     # The EMA counts the initial weights as one average (it starts from them, as the release's does).
-    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == 9
+    assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == start + 5
 
 
 @pytest.mark.slow
@@ -279,47 +326,23 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
 
 
 @pytest.mark.slow
-def test_a_nan_batch_is_skipped_and_counted(workspace, aux_run):
-    from pipelines.train import train
-
-    config = workspace["config"](*QUICK, "train.steps=6", "train.checkpoint_every=6",
-                                 "train.debug.inject_nan_at_steps=[3]")
-    result = train(workspace["data"], aux_run.checkpoint_uri, config, "nan-once")
-    client = MlflowClient()
-    assert losses(client, result.run_id, "nonfinite_steps")[-1] == (6, 1.0)
-    assert [step for step, _ in losses(client, result.run_id)] == [1, 2, 4, 5, 6]
-    assert client.get_run(result.run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_consecutive_nan_batches_stop_the_run(workspace, aux_run):
+def test_a_nan_batch_is_skipped_and_counted_and_consecutive_ones_stop_the_run(workspace, aux_run):
+    """One non-finite step is skipped and counted, and the good steps after it reset the streak;
+    three in a row stop the run as FAILED."""
     from pipelines.train import train
     from pipelines.training_loop import TrainingFailed
 
-    config = workspace["config"](*QUICK, "train.steps=8", "train.max_failures=0", "train.max_consecutive_nonfinite=3",
-                                 "train.debug.inject_nan_at_steps=[2,3,4]")
-    with pytest.raises(TrainingFailed, match="3 consecutive non-finite steps .* the last at step 4"):
-        train(workspace["data"], aux_run.checkpoint_uri, config, "nan-diverges")
-    runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'nan-diverges'",
+    config = workspace["config"](*QUICK, "train.steps=10", "train.max_failures=0", "train.max_consecutive_nonfinite=3",
+                                 "train.debug.inject_nan_at_steps=[3,6,7,8]")
+    with pytest.raises(TrainingFailed, match="3 consecutive non-finite steps .* the last at step 8"):
+        train(workspace["data"], aux_run.checkpoint_uri, config, "nan")
+    runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'nan'",
                               output_format="list")
     assert [run.info.status for run in runs] == ["FAILED"]
-
-
-@pytest.mark.slow
-def test_checkpoints_on_s3_and_resume_from_them(workspace, aux_run, s3_endpoint):
-    from pipelines.train import train
-
-    client = make_bucket(s3_endpoint, "train-runs")
-    overrides = [*QUICK, "train.storage_path=s3://train-runs/ray", f"storage.s3_endpoint={s3_endpoint}"]
-    first = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=4"), "s3run")
-    assert first.checkpoint_uri == "s3://train-runs/ray/s3run/checkpoint_00000004"
-    second = train(workspace["data"], aux_run.checkpoint_uri, workspace["config"](*overrides, "train.steps=8"),
-                   "s3run")
-    keys = {item["Key"] for item in client.list_objects_v2(Bucket="train-runs")["Contents"]}
-    for step in (4, 8):
-        assert f"ray/s3run/checkpoint_{step:08d}/training_state.pt" in keys
-        assert f"ray/s3run/checkpoint_{step:08d}/upsr/weights.safetensors" in keys
-    assert losses(MlflowClient(), second.run_id, "resumed_from_step") == [(4, 4.0)]
+    client = MlflowClient()
+    run_id = runs[0].info.run_id
+    assert [step for step, _ in losses(client, run_id)] == [1, 2, 4, 5]
+    assert (5, 1.0) in losses(client, run_id, "nonfinite_steps")
 
 
 def init_checkpoint(folder: Path, config) -> Path:

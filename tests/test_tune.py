@@ -186,7 +186,8 @@ def test_concurrent_trials_follow_the_cluster_and_the_per_trial_resources():
 
 
 def test_exit_status_and_best_trial_follow_the_outcomes():
-    """`upsr tune` exits 1 only when no trial produced a score; the best trial follows the mode."""
+    """`upsr tune` exits 1 only when no trial produced a score; the best trial follows the mode,
+    among the completed trials, and among those stopped early only when none completed."""
     from tune.search import COMPLETED, FAILED, STOPPED_EARLY, SearchOutcome, TrialSummary, best_trial
 
     def trial(name: str, outcome: str, objective: float | None = None) -> TrialSummary:
@@ -197,8 +198,11 @@ def test_exit_status_and_best_trial_follow_the_outcomes():
     assert not SearchOutcome("s", "run", "storage", failed, None, None).succeeded
     mixed = [*failed, trial("c", STOPPED_EARLY, 3.0), trial("d", COMPLETED, 2.0), trial("e", COMPLETED, float("nan"))]
     assert SearchOutcome("s", "run", "storage", mixed, None, None).succeeded
-    assert best_trial(mixed, TuneConfig(mode="max")).trial_id == "c"
-    assert best_trial(mixed, TuneConfig(mode="min")).trial_id == "d"
+    assert best_trial(mixed, TuneConfig(mode="max")).trial_id == "d"
+    assert best_trial([*mixed, trial("f", COMPLETED, 1.0)], TuneConfig(mode="min")).trial_id == "f"
+    stopped = [trial("c", STOPPED_EARLY, 3.0), trial("g", STOPPED_EARLY, 4.0), trial("e", COMPLETED, float("nan"))]
+    assert best_trial(stopped, TuneConfig(mode="max")).trial_id == "g"
+    assert best_trial(stopped, TuneConfig(mode="min")).trial_id == "c"
     assert best_trial(failed, TuneConfig()) is None
 
 

@@ -141,6 +141,7 @@ def test_a_read_only_output_folder_is_refused(tmp_path, tiny_checkpoint):
                  str(tiny_checkpoint)]) == 2
 
 
+@pytest.mark.slow
 def test_runs_as_a_module(tmp_path, tiny_checkpoint):
     write_photo(tmp_path / "photo.png", 20, 16)
     result = subprocess.run(
