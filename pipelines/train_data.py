@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.dataset as pads
 import ray
-import torch
+
+# Ray Data's read/decode tasks, its split coordinator and Ray Train's dataset manager all
+# unpickle ``decode_pairs`` and so import this module in fresh processes, several per run:
+# without torch it imports in ~1 s instead of ~5 (as pipelines.synth for its write tasks).
+if TYPE_CHECKING:
+    import torch
 
 from pipelines.errors import UserError
 from pipelines.config import StorageConfig, TrainDataConfig
@@ -102,6 +107,8 @@ def to_images(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
 
 def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random horizontal flip and 90-degree rotation for both images of each pair."""
+    import torch
+
     flips = torch.randint(0, 2, (lr.shape[0],), generator=generator).tolist()
     turns = torch.randint(0, 4, (lr.shape[0],), generator=generator).tolist()
     lr_out, hr_out = [], []

@@ -190,10 +190,11 @@ def test_s3_source_and_output(tmp_path, s3_endpoint, ray_local):
     assert report == {"checked": 4, "mismatches": []}
 
 
-def test_the_write_tasks_module_does_not_import_torch():
-    # Ray Data's write tasks unpickle the datasink from pipelines.synth in fresh worker
-    # processes; torch and basicsr there cost ~4 s per task (measured), on the job's tail.
-    probe = "import sys, pipelines.synth; print(sorted({'torch', 'basicsr'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["pipelines.synth", "pipelines.train_data"])
+def test_modules_that_ray_data_tasks_unpickle_do_not_import_torch(module):
+    # Ray Data's tasks and actors unpickle the synth datasink and the training data's decode
+    # function in fresh worker processes; torch and basicsr there cost ~4 s per process (measured).
+    probe = f"import sys, {module}; print(sorted({{'torch', 'basicsr'}} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 
