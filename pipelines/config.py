@@ -191,6 +191,11 @@ class TrainDataConfig:
     # small datasets (tests, CPU demos), where restarting the read-and-decode pipeline every
     # epoch costs more than the epoch itself.
     materialize: bool = False
+    # The same batches in the same order on every run of the same config: Ray Data keeps block
+    # order (preserve_order), blocks go to workers by count alone (no locality), and the block
+    # and buffer shuffles are seeded. Costs some throughput (a slow block holds up the ones
+    # behind it), so the paper-scale config leaves it off.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:

@@ -74,6 +74,8 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
     log.info("%s: %d source photos for training, %d held out for validation", uri, len(train_sources),
              len(val_sources))
     rows = ray.data.read_parquet(dataset.shard_paths, filesystem=fs).select_columns(["source", "hr_png", "lr_png"])
+    # Datasets derived from ``rows`` inherit its context: materialize() keeps the read order too.
+    rows.context.execution_options.preserve_order = settings.deterministic
     synth = dataset.manifest["config"]["synth"]
     scale = dataset.manifest["config"]["degradation"]["scale"]
     shapes = {"hr_size": synth["crop_size"], "lr_size": synth["crop_size"] // scale}
@@ -82,7 +84,8 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
         decoded = rows.map_batches(decode_pairs, fn_kwargs={"keep": set(names), **shapes}, batch_format="numpy")
         return decoded.materialize() if settings.materialize else decoded
 
-    return TrainingData(dataset, split(train_sources).randomize_block_order(),
+    block_order_seed = derive_seed(settings.split_seed, "block-order") if settings.deterministic else None
+    return TrainingData(dataset, split(train_sources).randomize_block_order(seed=block_order_seed),
                         split(val_sources) if val_sources else None, train_sources, val_sources, train_rows)
 
 
@@ -122,10 +125,24 @@ def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> t
     return torch.stack(lr_out), torch.stack(hr_out)
 
 
-def iter_batches(shard: Any, batch_size: int, settings: TrainDataConfig, device: torch.device, shuffle: bool):
+def ingest_config(settings: TrainDataConfig, datasets_to_split: list[str]):
+    """Ray Train's ``DataConfig`` for the training jobs, deterministic when ``settings`` asks."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = settings.deterministic
+    return DataConfig(datasets_to_split=datasets_to_split, execution_options=options,
+                      enable_shard_locality=not settings.deterministic)
+
+
+def iter_batches(shard: Any, batch_size: int, settings: TrainDataConfig, device: torch.device,
+                 shuffle_seed: int | None = None, shuffle: bool = True):
     """One epoch of a worker's shard as ``(lr, hr)`` float batches; short last batches are dropped
-    so that every worker runs the same number of steps."""
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device="cpu",
-                                          prefetch_batches=settings.prefetch_batches,
-                                          local_shuffle_buffer_size=settings.shuffle_buffer if shuffle else None):
+    so that every worker runs the same number of steps. ``shuffle_seed`` seeds the row shuffle
+    of a deterministic config."""
+    shuffle_buffer = settings.shuffle_buffer if shuffle else None
+    for batch in shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, device="cpu", prefetch_batches=settings.prefetch_batches,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=shuffle_seed if shuffle_buffer and settings.deterministic else None):
         yield to_images(batch, device)

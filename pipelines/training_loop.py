@@ -44,7 +44,7 @@ from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.config import Config, TrainConfig
 from pipelines.images import derive_seed
-from pipelines.train_data import TrainingData, augment, iter_batches, open_training_data
+from pipelines.train_data import TrainingData, augment, ingest_config, iter_batches, open_training_data
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # scheduler watching the run (TuneReportCallback forwards rank 0's metrics) can rank it.
     latest_validation: dict[str, float] = {}
     while state.step < settings.steps:
-        batches = iter_batches(shard, settings.batch_size, config.train_data, device, shuffle=True)
+        # Seeded by the step the epoch starts at: a resumed run reshuffles where it resumed.
+        batches = iter_batches(shard, settings.batch_size, config.train_data, device,
+                               shuffle_seed=derive_seed(settings.seed, rank, "epoch-at-step", state.step))
         epoch_steps = 0
         while state.step < settings.steps:
             started = time.perf_counter()
@@ -402,7 +404,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
     with credentials taken out (``config.public_dict``).
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines import tracking
@@ -451,7 +453,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                              callbacks=list(callbacks)),
         datasets=data.datasets,
         # Validation runs on rank 0 over the whole val split: only the train split is sharded.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=ingest_config(config.train_data, datasets_to_split=["train"]),
     )
     try:
         result = in_helper_thread(trainer.fit)

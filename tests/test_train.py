@@ -281,6 +281,42 @@ def test_ctrl_c_marks_the_run_killed_and_the_same_name_resumes_from_s3(workspace
     assert int(load_file(str(final / "ema.safetensors"))["n_averaged"]) == start + 5
 
 
+def read_epochs(config, data_uri: str, shuffle_seeds: list[int], world_size: int = 2) -> list[list[torch.Tensor]]:
+    """What each of ``world_size`` Ray Train workers reads in one epoch (its HR batches), the data
+    opened, split and sharded as a training job does; the workers read side by side."""
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.train_data import ingest_config, iter_batches, open_training_data
+
+    data = open_training_data(data_uri, config.train_data, config.storage)
+    shards = ingest_config(config.train_data, ["train"]).configure(
+        data.datasets, world_size=world_size, worker_handles=None,
+        worker_node_ids=[ray.get_runtime_context().get_node_id()] * world_size)
+
+    def read(rank: int) -> list[torch.Tensor]:
+        return [hr for _, hr in iter_batches(shards[rank]["train"], 4, config.train_data, torch.device("cpu"),
+                                             shuffle_seed=shuffle_seeds[rank])]
+
+    with ThreadPoolExecutor(world_size) as pool:
+        return list(pool.map(read, range(world_size)))
+
+
+@pytest.mark.slow
+def test_a_deterministic_config_feeds_every_worker_the_same_batches_on_every_run(workspace):
+    config, data = workspace["config"](), workspace["data"]
+    assert config.train_data.deterministic
+    first, again = read_epochs(config, data, [1, 2]), read_epochs(config, data, [1, 2])
+    assert len(first[0]) == len(first[1]) > 2
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first[rank], again[rank], strict=True))
+    assert not torch.equal(first[0][0], first[1][0])
+    # The shuffle seed is what orders the rows: another seed, another order of the same rows.
+    reseeded = read_epochs(config, data, [3, 2])[0]
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], reseeded))
+    assert sorted(x.sum().item() for x in torch.cat(first[0])) == sorted(x.sum().item() for x in torch.cat(reseeded))
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_path):
     from pipelines.train import train
