@@ -112,8 +112,12 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
     init_ray(config.ray)
     synth = config.synth
     sink = SynthDatasink(output, config, files_seen=len(files))
+    listed = ray.data.from_items(files, override_num_blocks=min(len(files), 200))
+    # Shards in listing order: the same input and config write the same files row for row, so a
+    # deterministic training config (train_data.deterministic) reads the same batches after a re-run.
+    listed.context.execution_options.preserve_order = True
     (
-        ray.data.from_items(files, override_num_blocks=min(len(files), 200))
+        listed
         # One file per call: Ray Data bundles input rows up to the batch size before it picks an
         # actor, so a batch of several files would hand most of a small job to one actor.
         .map_batches(SynthesizeFiles, fn_constructor_kwargs={"source": source, "settings": to_dict(synth),

@@ -1,5 +1,7 @@
 """Typed configs: YAML files and --set overrides, with errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from pipelines import config as config_module
@@ -66,6 +68,20 @@ def test_missing_or_broken_file_is_named(tmp_path):
     broken.write_text("synth: [unclosed\n")
     with pytest.raises(ConfigError, match=f"{broken} is not valid YAML"):
         config_module.load(broken)
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in Path("configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    from cli import config as root_config
+
+    root_config.load(Path("configs") / name)
+
+
+def test_the_demo_config_is_the_tiny_one_on_small_crops_trained_longer():
+    tiny, demo = config_module.load("configs/tiny.yaml"), config_module.load("configs/demo.yaml")
+    assert (demo.denoiser, demo.aux, demo.train_data) == (tiny.denoiser, tiny.aux, tiny.train_data)
+    assert demo.train_data.deterministic and demo.synth.crop_size < tiny.synth.crop_size
+    assert demo.train.steps > tiny.train.steps and demo.aux_train.steps > tiny.aux_train.steps
 
 
 def test_configs_compose_through_base_and_several_files(tmp_path):

@@ -38,6 +38,17 @@ def test_random_backbone_is_allowed_for_tests_with_a_warning(empty_torch_home, c
     assert terms["loss"].item() == pytest.approx(terms["mse"].item() + 0.5 * terms["lpips"].item(), rel=1e-5)
 
 
+def test_the_random_backbone_is_the_same_in_every_run_and_leaves_the_callers_random_state(empty_torch_home):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_lpips(allow_random_backbone=True)
+    assert torch.equal(torch.rand(3), expected_next)
+    second = build_lpips(allow_random_backbone=True)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                 strict=True))
+
+
 def test_lambda_zero_does_not_build_lpips(empty_torch_home):
     loss = DiffusionLoss(LossConfig(lpips_weight=0.0))  # would raise if it looked for VGG16
     assert loss.lpips is None

@@ -128,8 +128,12 @@ def test_existing_output_is_refused_unless_overwrite(dataset, source):
 
 
 @pytest.mark.slow
-def test_same_rows_whatever_the_number_of_workers_and_batching(dataset, source, tmp_path):
-    output, _ = dataset
+def test_a_rerun_writes_the_same_files_and_other_workers_and_batching_the_same_rows(dataset, source, tmp_path):
+    output, first = dataset
+    again = synthesize(str(source), str(tmp_path / "again"), config_module.load("configs/tiny.yaml", OVERRIDES))
+    assert again["shards"] == first["shards"]
+    for shard in first["shards"]:
+        assert (tmp_path / "again" / shard["file"]).read_bytes() == (output / shard["file"]).read_bytes()
     other = config_module.load("configs/tiny.yaml", OVERRIDES + ["synth.batch_size=5", "synth.max_actors=1",
                                                                  "synth.rows_per_file=4", "synth.row_group_rows=2"])
     manifest = synthesize(str(source), str(tmp_path / "other"), other)

@@ -25,11 +25,12 @@ from upsr.diffusion import DenoiseFn, UNWDiffusion
 ImageInput = np.ndarray | Sequence[np.ndarray] | torch.Tensor
 
 # Memory an image needs per output pixel beyond the networks' per-tile activations: the growth
-# of peak RSS per output pixel measured by benchmarks/upscale_memory.py (141-152 bytes for
-# "blend", 23-32 for "release"; benchmarks/README.md), rounded up. "blend" keeps about 35
-# float32 maps at the full size while sampling (x_t, y, g(y), w, the condition, blending
-# buffers, temporaries); "release" only its accumulators and the input.
-BYTES_PER_OUTPUT_PIXEL = {"blend": 160, "release": 48}
+# of peak RSS per output pixel measured by benchmarks/upscale_memory.py (120-173 bytes for
+# "blend", 17-35 for "release" in the runs of benchmarks/README.md), with a margin for that
+# run-to-run spread. "blend" keeps about 35 float32 maps at the full size while sampling (x_t,
+# y, g(y), w, the condition, blending buffers, temporaries); "release" only its accumulators
+# and the input.
+BYTES_PER_OUTPUT_PIXEL = {"blend": 192, "release": 48}
 
 
 class ImageTooLarge(ValueError):

@@ -47,8 +47,11 @@ def build_lpips(backbone: str | Path | None = None, allow_random_backbone: bool 
             f"Copy {VGG16_FILENAME} there (or set loss.lpips_backbone to its path), or set "
             "loss.lpips_weight: 0 to train without LPIPS."
         )
-    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained` flag
-        warnings.simplefilter("ignore", UserWarning)
+    # A random trunk is at least the same one in every process and run (fixed seed, the
+    # caller's random state untouched), so that its scores compare between runs.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore", UserWarning)  # lpips passes torchvision's deprecated `pretrained` flag
+        torch.manual_seed(0)
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if path.is_file():
         model.net.load_state_dict(_lpips_trunk_state(path), strict=True)
