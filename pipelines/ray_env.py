@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+import ray.data
 
 from pipelines.config import RayConfig
 from pipelines.errors import interrupt_on_sigterm
@@ -19,6 +20,9 @@ def init_ray(settings: RayConfig) -> None:
     ``address="local"`` is explicit on purpose: a bare ``ray.init()`` would attach to any Ray
     cluster already running on this machine, someone else's included.
     """
+    # Datasets copy this context when they are created and carry it to the Ray Train workers
+    # and split coordinators that run them.
+    ray.data.DataContext.get_current().enable_progress_bars = settings.data_progress_bars
     if ray.is_initialized():
         return
     address = settings.address or os.environ.get("RAY_ADDRESS")

@@ -276,7 +276,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             state.step = step
             if finite:
                 state.consecutive_nonfinite = 0
-                window.add(float(summed[0]) / world_size, {k: float(v) for k, v in terms.items()}, grad_norm)
+                window.add(float(summed[0]) / world_size, {k: float(v.detach()) for k, v in terms.items()}, grad_norm)
             else:
                 state.nonfinite_steps += 1
                 state.consecutive_nonfinite += 1
