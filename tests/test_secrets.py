@@ -1,6 +1,6 @@
 """Credentials given to the jobs reach nothing they write.
 
-The training jobs run against an MLflow tracking server on 127.0.0.1 that this test starts and
+The training job (train-aux shares its fit, tracking and checkpoints) runs against an MLflow tracking server on 127.0.0.1 that this test starts and
 stops (by process group), with credentials in ``MLFLOW_TRACKING_URI`` (user:password@), in
 ``storage.s3_endpoint`` (user:password@ and a query token) and in ``AWS_SECRET_ACCESS_KEY``.
 Then every file the jobs wrote is searched: the dataset, the Ray Train checkpoints, the Ray
@@ -64,9 +64,11 @@ def files_under(*folders: Path) -> list[Path]:
 def test_credentials_reach_nothing_the_jobs_write(mlflow_server, tmp_path, ray_local, monkeypatch):
     import ray
 
+    from safetensors.torch import save_file
+
     from pipelines.synth import synthesize
     from pipelines.train import train
-    from pipelines.train_aux import train_aux
+    from upsr.aux_net import build_aux_net
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://upsr:{TRACKING_SECRET}@127.0.0.1:{mlflow_server['port']}")
     endpoint = f"https://AKIAEXAMPLE:{ENDPOINT_SECRET}@minio.example:9000/?signature={QUERY_SECRET}"
@@ -79,9 +81,11 @@ def test_credentials_reach_nothing_the_jobs_write(mlflow_server, tmp_path, ray_l
 
     data = tmp_path / "data"
     synthesize(str(write_photos(tmp_path / "photos")), str(data), config())
+    # Random aux weights: train-aux runs through the same fit, tracking and checkpoint code.
+    aux_weights = tmp_path / "aux.safetensors"
+    save_file(build_aux_net(config().aux).net.state_dict(), str(aux_weights))
     quick = ["val_batches=0", "steps=2", "checkpoint_every=2"]
-    aux = train_aux(str(data), config(*(f"aux_train.{o}" for o in quick)), "aux-secrets")
-    result = train(str(data), aux.checkpoint_uri, config(*(f"train.{o}" for o in quick), "loss.lpips_weight=0"),
+    result = train(str(data), str(aux_weights), config(*(f"train.{o}" for o in quick), "loss.lpips_weight=0"),
                    "upsr-secrets")
 
     client = MlflowClient(f"http://127.0.0.1:{mlflow_server['port']}")
