@@ -1,9 +1,10 @@
 """Credentials given to the jobs reach nothing they write.
 
-The training job (train-aux shares its fit, tracking and checkpoints) runs against an MLflow tracking server on 127.0.0.1 that this test starts and
-stops (by process group), with credentials in ``MLFLOW_TRACKING_URI`` (user:password@), in
-``storage.s3_endpoint`` (user:password@ and a query token) and in ``AWS_SECRET_ACCESS_KEY``.
-Then every file the jobs wrote is searched: the dataset, the Ray Train checkpoints, the Ray
+The training job (train-aux shares its fit, tracking and checkpoints) runs against an MLflow
+tracking server on 127.0.0.1 that this test starts and stops (by process group), with
+credentials in ``MLFLOW_TRACKING_URI`` (user:password@), in ``storage.s3_endpoint``
+(user:password@ and a query token) and in ``AWS_SECRET_ACCESS_KEY``. Then every file the
+jobs wrote is searched: the dataset, the Ray Train checkpoints, the Ray
 session's logs, and the MLflow server's database and artifact store.
 """
 

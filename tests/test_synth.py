@@ -194,6 +194,18 @@ def test_s3_source_and_output(tmp_path, s3_endpoint, ray_local):
     assert report == {"checked": 4, "mismatches": []}
 
 
+def test_ray_data_progress_bars_are_off_unless_configured_and_datasets_carry_the_setting(ray_local):
+    import ray.data
+
+    from pipelines.config import RayConfig
+    from pipelines.ray_env import init_ray
+
+    init_ray(RayConfig(data_progress_bars=True))
+    assert ray.data.range(1).context.enable_progress_bars
+    init_ray(RayConfig())
+    assert not ray.data.range(1).context.enable_progress_bars
+
+
 @pytest.mark.parametrize("module", ["pipelines.synth", "pipelines.train_data"])
 def test_modules_that_ray_data_tasks_unpickle_do_not_import_torch(module):
     # Ray Data's tasks and actors unpickle the synth datasink and the training data's decode
