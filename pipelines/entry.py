@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from pipelines.errors import UserError, interrupt_on_sigterm
+from pipelines.errors import UserError, caused_by_interrupt, interrupt_on_sigterm
 from upsr.config_loader import ConfigError
 
 log = logging.getLogger("upsr")
@@ -48,7 +48,9 @@ def execute(run, args, load_config=None) -> int:
     except (ConfigError, UserError) as error:
         log.error("%s", error)
         return 2
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not caused_by_interrupt(error):
+            raise
         log.error("interrupted: nothing unfinished was marked finished (a dataset has no manifest yet, a "
                   "training run is KILLED with its checkpoints kept, the registry is unchanged unless a "
                   "promotion had completed); run the command again (synth with --overwrite, train with the "

@@ -13,6 +13,22 @@ class UserError(Exception):
     """Bad input the user can fix (a path, a flag, a dataset); printed without a traceback."""
 
 
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised while handling, a KeyboardInterrupt.
+
+    Ctrl-C lands in whichever frame is running; library clean-up code (Ray Data's listing threads,
+    for one) can then fail on its own and raise something else that carries the interrupt only as
+    its context.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

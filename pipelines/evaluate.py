@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pipelines import config as config_module
 from pipelines import registry, storage, tracking
 from pipelines.entry import run_job
-from pipelines.errors import UserError
+from pipelines.errors import UserError, caused_by_interrupt
 from pipelines.config import Config, EvaluateConfig
 from pipelines.eval_actor import EvaluateImages
 from pipelines.eval_contract import (
@@ -117,10 +117,13 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     started = time.monotonic()
     try:
         rows = run_inference(model, eval_set, config, lpips, gpus)
-    except KeyboardInterrupt:
-        mlflow_client.set_terminated(run_id, "KILLED")
-        raise
-    except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
+    except BaseException as error:
+        if caused_by_interrupt(error):
+            mlflow_client.set_terminated(run_id, "KILLED")
+            raise KeyboardInterrupt(str(error)) from error
+        if not isinstance(error, Exception):
+            raise
+        # Whatever broke the Ray run, the evaluation failed.
         log.exception("the evaluation of %s failed", model.label)
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         mlflow_client.set_tag(run_id, tracking.EVAL_TAG + "error", reason[:5000])

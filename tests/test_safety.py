@@ -194,3 +194,25 @@ def test_evaluate_checks_a_local_model_before_ray_and_mlflow(tmp_path, caplog, m
         assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--data", str(tmp_path)]) == 2
     assert "--model" in caplog.text and "is not a checkpoint folder" in caplog.text
     assert not (tmp_path / "runs").exists()  # no MLflow store was opened either
+
+
+def test_ctrl_c_that_library_clean_up_turns_into_another_error_is_still_an_interrupt(caplog):
+    """Ray Data's listing threads, interrupted, fail in their own clean-up with a RuntimeError whose
+    context is the KeyboardInterrupt (seen in CI on ``upsr promote``); the job must still exit 130."""
+    import argparse
+
+    from pipelines.entry import execute
+
+    def interrupted_in_clean_up(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot join thread before it is started")
+
+    def broken(args):
+        raise RuntimeError("a real bug")
+
+    assert execute(interrupted_in_clean_up, argparse.Namespace()) == 130
+    assert "interrupted" in caplog.text
+    with pytest.raises(RuntimeError, match="a real bug"):
+        execute(broken, argparse.Namespace())
