@@ -111,28 +111,25 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     init_ray(config.ray)
     gpus = actor_gpus(config.evaluate)
     mlflow_client = tracking.client(config.mlflow)
-    run_id = start_run(mlflow_client, config, model, eval_set, lpips, settings, out_uri, gpus)
-    log.info("evaluating %s on %s (%s, %d images); MLflow run %s", model.label, eval_set.uri, eval_set.layout,
-             len(eval_set.ids), run_id)
-    started = time.monotonic()
-    try:
-        rows = run_inference(model, eval_set, config, lpips, gpus)
-    except BaseException as error:
-        if caused_by_interrupt(error):
-            mlflow_client.set_terminated(run_id, "KILLED")
-            raise KeyboardInterrupt(str(error)) from error
-        if not isinstance(error, Exception):
-            raise
-        # Whatever broke the Ray run, the evaluation failed.
-        log.exception("the evaluation of %s failed", model.label)
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        mlflow_client.set_tag(run_id, tracking.EVAL_TAG + "error", reason[:5000])
-        mlflow_client.set_terminated(run_id, "FAILED")
-        summary = {"complete": False, "error": reason, "model": model_summary(model), "mlflow_run_id": run_id}
-        return Evaluation(RESULT_SCHEMA.empty_table(), summary, complete=False, run_id=run_id,
-                          problems=[f"the evaluation run failed: {reason}"])
+    with tracking.run_ended_unless_done(lambda: create_run(mlflow_client, config, model, eval_set, lpips, settings),
+                                        mlflow_client.set_terminated) as run_id:
+        log_inputs(mlflow_client, run_id, config, model, eval_set, lpips, out_uri, gpus)
+        log.info("evaluating %s on %s (%s, %d images); MLflow run %s", model.label, eval_set.uri, eval_set.layout,
+                 len(eval_set.ids), run_id)
+        started = time.monotonic()
+        try:
+            rows = run_inference(model, eval_set, config, lpips, gpus)
+        except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
+            if caused_by_interrupt(error):
+                raise KeyboardInterrupt(str(error)) from error
+            log.exception("the evaluation of %s failed", model.label)
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            mlflow_client.set_tag(run_id, tracking.EVAL_TAG + "error", reason[:5000])
+            mlflow_client.set_terminated(run_id, "FAILED")
+            summary = {"complete": False, "error": reason, "model": model_summary(model), "mlflow_run_id": run_id}
+            return Evaluation(RESULT_SCHEMA.empty_table(), summary, complete=False, run_id=run_id,
+                              problems=[f"the evaluation run failed: {reason}"])
 
-    try:
         panels = {row["id"]: row[PANEL_COLUMN] for row in rows.select(["id", PANEL_COLUMN]).to_pylist()
                   if row[PANEL_COLUMN] is not None}
         table = rows.drop_columns([PANEL_COLUMN]).sort_by("id")
@@ -143,28 +140,27 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
                                 time.monotonic() - started)
         write_outputs(table, summary, out_uri, config)
         log_results(mlflow_client, run_id, model, eval_set, table, summary, panels)
-    except BaseException:
-        mlflow_client.set_terminated(run_id, "FAILED")
-        raise
-    mlflow_client.set_terminated(run_id, "FINISHED" if complete else "FAILED")
+        mlflow_client.set_terminated(run_id, "FINISHED" if complete else "FAILED")
     report(summary, problems, out_uri)
     return Evaluation(table, summary, complete, run_id, problems)
 
 
-def start_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set: EvalSet, lpips: LpipsSetting,
-              settings: str, out_uri: str, gpus: float) -> str:
-    from mlflow.entities import Param
-
-    from pipelines import tracking
-
+def create_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set: EvalSet, lpips: LpipsSetting,
+               settings: str) -> str:
+    """The evaluation's MLflow run, with the tags that let ``promote`` find it again; returns its id."""
     experiment_id = tracking.connect(config.mlflow)
     tags = {"job": JOB, tracking.TAG_MODEL_URI: model.load_uri, tracking.TAG_SETTINGS_HASH: settings,
             tracking.EVAL_TAG + "layout": eval_set.layout, tracking.EVAL_TAG + "lpips": lpips.mode,
             tracking.TAG_COMPLETE: "false"}
     if model.version:
         tags |= {tracking.TAG_MODEL_NAME: model.name, tracking.TAG_MODEL_VERSION: model.version}
-    run = mlflow_client.create_run(experiment_id, run_name=f"evaluate-{model.slug}", tags=tags)
-    run_id = run.info.run_id
+    return mlflow_client.create_run(experiment_id, run_name=f"evaluate-{model.slug}", tags=tags).info.run_id
+
+
+def log_inputs(mlflow_client, run_id: str, config: Config, model: registry.ModelRef, eval_set: EvalSet,
+               lpips: LpipsSetting, out_uri: str, gpus: float) -> None:
+    from mlflow.entities import Param
+
     params = {"model": model.uri, "model_loaded": model.load_uri, "eval_set": eval_set.uri,
               "eval_layout": eval_set.layout, "eval_images": len(eval_set.ids), "seed": config.inference.seed,
               "lpips": lpips.description, "output": out_uri, "gpus_per_actor": gpus,
@@ -176,7 +172,6 @@ def start_run(mlflow_client, config: Config, model: registry.ModelRef, eval_set:
         from mlflow.entities import LoggedModelInput
 
         mlflow_client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
-    return run_id
 
 
 def actor_gpus(settings: EvaluateConfig) -> float:

@@ -17,6 +17,8 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import MlflowConfig, public_dict
+from pipelines.errors import caused_by_interrupt, interrupts_deferred
 from upsr.config_loader import flatten
 
 if TYPE_CHECKING:
@@ -115,12 +118,40 @@ def start_run(settings: MlflowConfig, run_name: str, config: Any, job: str, mani
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    mlflow.log_params(loggable_params(config))
-    mlflow.log_text(config_yaml, "config/resolved.yaml")
-    mlflow.log_dict(manifest, "dataset/_manifest.json")
-    mlflow.end_run("RUNNING")
-    return run.info.run_id
+
+    def create() -> str:
+        # The fluent call adds MLflow's own tags (user, source); the run stays open for the job.
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        mlflow.end_run("RUNNING")
+        return run.info.run_id
+
+    with run_ended_unless_done(create, MlflowClient().set_terminated) as run_id:
+        mlflow.start_run(run_id=run_id)
+        try:
+            mlflow.log_params(loggable_params(config))
+            mlflow.log_text(config_yaml, "config/resolved.yaml")
+            mlflow.log_dict(manifest, "dataset/_manifest.json")
+        finally:
+            mlflow.end_run("RUNNING")
+    return run_id
+
+
+@contextmanager
+def run_ended_unless_done(create: Callable[[], str], end: Callable[[str, str], None]) -> Iterator[str]:
+    """``create()`` an MLflow run and yield its id; if the block raises, ``end(run_id, status)`` marks
+    the run KILLED (Ctrl-C, ``ray job stop``) or FAILED, so that no run is left RUNNING.
+
+    Interrupts are held while the run is created: one that lands then is raised once the id is known.
+    """
+    run_id = None
+    try:
+        with interrupts_deferred():
+            run_id = create()
+        yield run_id
+    except BaseException as error:
+        if run_id is not None:
+            end(run_id, "KILLED" if caused_by_interrupt(error) else "FAILED")
+        raise
 
 
 def log_run_facts(settings: MlflowConfig, run_id: str, facts: dict[str, Any]) -> None:

@@ -135,7 +135,7 @@ def read_init(init_from: str, config: Config, with_aux: bool):
 
 def train(data_uri: str, aux_uri: str | None, config: Config, run_name: str, init_from: str | None = None):
     """Run the job; returns ``training_loop.FitResult`` after registering the model."""
-    from pipelines import registry, tracking
+    from pipelines import registry
     from pipelines.training_loop import fit
 
     task_options, run_tags = {}, {}
@@ -144,11 +144,12 @@ def train(data_uri: str, aux_uri: str | None, config: Config, run_name: str, ini
         run_tags["init_from"] = init_from
     if aux_uri:
         config, _ = resolve_aux(aux_uri, config)
-    result = fit(TRAIN, config, data_uri, run_name, task_options=task_options, run_tags=run_tags)
-    with result.checkpoint.as_directory() as folder:
-        registry.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
-    tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
-    return result
+
+    def register(result) -> None:
+        with result.checkpoint.as_directory() as folder:
+            registry.log_and_register_model(config.mlflow, result.run_id, Path(folder) / EXPORT_FOLDER)
+
+    return fit(TRAIN, config, data_uri, run_name, task_options=task_options, run_tags=run_tags, publish=register)
 
 
 class DiffusionTask:

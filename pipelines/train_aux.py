@@ -61,14 +61,14 @@ def train_aux(data_uri: str, config: Config, run_name: str):
     from pipelines import tracking
     from pipelines.training_loop import fit
 
-    result = fit(TRAIN_AUX, config, data_uri, run_name)
-    with result.checkpoint.as_directory() as folder:
-        logger = tracking.RunLogger(config.mlflow, result.run_id)
-        for name in (AUX_WEIGHTS_FILE, AUX_CONFIG_FILE):
-            logger.client.log_artifact(result.run_id, str(Path(folder, name)), "aux")
-    logger.client.set_tag(result.run_id, "aux_checkpoint", result.checkpoint_uri)
-    tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
-    return result
+    def log_weights(result) -> None:
+        client = tracking.client(config.mlflow)
+        with result.checkpoint.as_directory() as folder:
+            for name in (AUX_WEIGHTS_FILE, AUX_CONFIG_FILE):
+                client.log_artifact(result.run_id, str(Path(folder, name)), "aux")
+        client.set_tag(result.run_id, "aux_checkpoint", result.checkpoint_uri)
+
+    return fit(TRAIN_AUX, config, data_uri, run_name, publish=log_weights)
 
 
 class AuxTask:

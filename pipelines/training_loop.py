@@ -22,6 +22,7 @@ Invariants the loop keeps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -387,8 +388,11 @@ def storage_settings(settings: TrainConfig, config: Config) -> tuple[str, Any, s
 
 def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_options: dict[str, Any] | None = None,
         callbacks: Sequence[Any] = (), run_tags: dict[str, str] | None = None, data: TrainingData | None = None,
-        tracking_uri: str | None = None, rank0_setup: Callable[[], None] | None = None) -> FitResult:
-    """Open the data and the MLflow run, train, and return the last checkpoint.
+        tracking_uri: str | None = None, rank0_setup: Callable[[], None] | None = None,
+        publish: Callable[[FitResult], None] | None = None) -> FitResult:
+    """Open the data and the MLflow run, train, ``publish`` the result (register the model, log the
+    weights), end the run FINISHED and return the last checkpoint. A run that does not get that far
+    ends KILLED (Ctrl-C, ``ray job stop``: its last checkpoint resumes it) or FAILED.
 
     ``task_options`` go to every worker's task through Ray's object store (``--init-from``'s
     weights, for one).
@@ -429,46 +433,46 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
-    run_id = tracking.start_run(mlflow_settings, run_name, config, job.name, data.dataset.manifest,
-                                data.dataset.manifest_hash, config_yaml, run_tags)
-    tracking.log_run_facts(mlflow_settings, run_id, {
-        "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
-        "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
-        "checkpoint_storage": f"{storage_uri}/{run_name}"})
-    log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job.name,
-             run_name,
-             settings.num_workers, settings.batch_size, global_batch, settings.lr, storage_uri, run_name)
-    resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,
-                           "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
-                           "has_val": data.val is not None, "rank0_setup": rank0_setup,
-                           "task_options": {key: ray.put(value) for key, value in (task_options or {}).items()}},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
-                             callbacks=list(callbacks)),
-        datasets=data.datasets,
-        # Validation runs on rank 0 over the whole val split: only the train split is sharded.
-        dataset_config=ingest_config(config.train_data, datasets_to_split=["train"]),
-    )
-    try:
-        result = in_helper_thread(trainer.fit)
-    except ray.train.TrainingFailedError as error:
-        tracking.finish_run(mlflow_settings, run_id, "FAILED")
-        raise TrainingFailed(f"{job.name} run {run_name} failed: {worker_errors(error)}") from None
-    except KeyboardInterrupt:
-        # Ctrl-C or `ray job stop`: the run did not finish; its last checkpoint resumes it.
-        tracking.finish_run(mlflow_settings, run_id, "KILLED")
-        raise
-    if result.checkpoint is None:
-        tracking.finish_run(mlflow_settings, run_id, "FAILED")
-        raise TrainingFailed(f"{job.name} run {run_name} ended without a checkpoint")
-    checkpoint_uri = (f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path)
-    return FitResult(run_id, result.checkpoint, checkpoint_uri, data)
+    end_run = functools.partial(tracking.finish_run, mlflow_settings)
+    with tracking.run_ended_unless_done(lambda: tracking.start_run(
+            mlflow_settings, run_name, config, job.name, data.dataset.manifest, data.dataset.manifest_hash,
+            config_yaml, run_tags), end_run) as run_id:
+        tracking.log_run_facts(mlflow_settings, run_id, {
+            "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
+            "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
+            "checkpoint_storage": f"{storage_uri}/{run_name}"})
+        log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job.name,
+                 run_name, settings.num_workers, settings.batch_size, global_batch, settings.lr, storage_uri,
+                 run_name)
+        resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,
+                               "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
+                               "has_val": data.val is not None, "rank0_setup": rank0_setup,
+                               "task_options": {key: ray.put(value) for key, value in (task_options or {}).items()}},
+            scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=settings.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
+                                 callbacks=list(callbacks)),
+            datasets=data.datasets,
+            # Validation runs on rank 0 over the whole val split: only the train split is sharded.
+            dataset_config=ingest_config(config.train_data, datasets_to_split=["train"]),
+        )
+        try:
+            result = in_helper_thread(trainer.fit)
+        except ray.train.TrainingFailedError as error:
+            raise TrainingFailed(f"{job.name} run {run_name} failed: {worker_errors(error)}") from None
+        if result.checkpoint is None:
+            raise TrainingFailed(f"{job.name} run {run_name} ended without a checkpoint")
+        checkpoint_uri = (f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path)
+        fitted = FitResult(run_id, result.checkpoint, checkpoint_uri, data)
+        if publish is not None:
+            publish(fitted)
+        end_run(run_id, "FINISHED")
+    return fitted
 
 
 def in_helper_thread(call: Callable[[], Any]) -> Any:

@@ -13,12 +13,13 @@ from typing import Any, Callable, Sequence
 from pipelines.config import Config, MlflowConfig, TrainConfig, to_yaml
 from pipelines.errors import UserError
 from pipelines.storage import redact_uri
-from pipelines.tracking import connect, finish_run, log_run_facts, start_run, tracking_uri
+from pipelines.tracking import (connect, finish_run, log_run_facts, run_ended_unless_done, start_run,
+                                tracking_uri)
 
 __all__ = [
     "Config", "MlflowConfig", "TrainConfig", "UserError", "to_yaml", "redact_uri", "connect", "finish_run",
-    "log_run_facts", "start_run", "tracking_uri", "open_search_inputs", "checkpoint_storage", "train_trial",
-    "init_ray",
+    "log_run_facts", "run_ended_unless_done", "start_run", "tracking_uri", "open_search_inputs",
+    "checkpoint_storage", "train_trial", "init_ray",
 ]
 
 
@@ -48,7 +49,7 @@ def checkpoint_storage(settings: TrainConfig, config: Config) -> tuple[str, Any,
 def train_trial(config: Config, data: Any, run_name: str, *, tracking_uri: str, callbacks: Sequence[Any] = (),
                 run_tags: dict[str, str] | None = None, rank0_setup: Callable[[], None] | None = None) -> str:
     """Train ``config`` as ``upsr train`` does, without registering a model; returns the MLflow run id
-    (finished by the caller, who knows how the trial ended)."""
+    (FINISHED; a trial that the scheduler stops never returns here, and the search ends its run)."""
     from pipelines.train import TRAIN
     from pipelines.training_loop import fit
 

@@ -216,3 +216,29 @@ def test_ctrl_c_that_library_clean_up_turns_into_another_error_is_still_an_inter
     assert "interrupted" in caplog.text
     with pytest.raises(RuntimeError, match="a real bug"):
         execute(broken, argparse.Namespace())
+
+
+def test_no_mlflow_run_is_left_running_whatever_stops_the_job():
+    """A Ctrl-C that lands while the run is being created is held until its id is known; whatever
+    stops the job after that ends the run, KILLED for an interrupt, FAILED for an error."""
+    import os
+    import signal
+
+    from pipelines.tracking import run_ended_unless_done
+
+    ended: list[tuple[str, str]] = []
+
+    def create_interrupted() -> str:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered mid-creation
+        return "run-1"
+
+    with pytest.raises(KeyboardInterrupt):
+        with run_ended_unless_done(create_interrupted, lambda run_id, status: ended.append((run_id, status))):
+            pytest.fail("the block must not start after an interrupt")
+    with pytest.raises(RuntimeError):
+        with run_ended_unless_done(lambda: "run-2", lambda run_id, status: ended.append((run_id, status))):
+            raise RuntimeError("broken")
+    with run_ended_unless_done(lambda: "run-3", lambda run_id, status: ended.append((run_id, status))) as run_id:
+        assert run_id == "run-3"
+    assert ended == [("run-1", "KILLED"), ("run-2", "FAILED")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -17,6 +17,7 @@ checkpoints) and keeps its MLflow run.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -136,59 +137,60 @@ def search(data_uri: str, aux_uri: str, config: Config, settings: TuneConfig, na
 
     # Driver-side MLflow calls use the resolved URI; the config that trials log keeps the user's setting.
     mlflow_settings = replace(config.mlflow, tracking_uri=pipeline.tracking_uri(config.mlflow))
-    parent_run_id = open_search_run(mlflow_settings, name, config, settings, data.dataset, resumed)
-    record_search_facts(mlflow_settings, parent_run_id, config, resources, resumed, {
-        "objective": settings.describe_objective(), "max_concurrent_trials_resolved": concurrency,
-        "data": data.dataset.location.uri, "aux": config.aux.weights, "search_storage": f"{storage_uri}/{name}"})
+    with pipeline.run_ended_unless_done(
+            lambda: open_search_run(mlflow_settings, name, config, settings, data.dataset, resumed),
+            functools.partial(pipeline.finish_run, mlflow_settings)) as parent_run_id:
+        record_search_facts(mlflow_settings, parent_run_id, config, resources, resumed, {
+            "objective": settings.describe_objective(), "max_concurrent_trials_resolved": concurrency,
+            "data": data.dataset.location.uri, "aux": config.aux.weights, "search_storage": f"{storage_uri}/{name}"})
 
-    cleaner = StoppedTrialCleaner.remote()
-    # Paths resolved here: a trial's working folder is not the driver's. The trials' Ray Train
-    # runs live in the search's folder, beside Tune's own state.
-    runtime = replace(config, train=replace(config.train, storage_path=f"{storage_uri}/{name}/train"))
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, context=SearchContext(
-            runtime, settings, data, name, parent_run_id, cleaner, mlflow_settings.tracking_uri)),
-        {"CPU": settings.driver_cpus})
-    log.info("search %s: %s over %s, %s scheduler, objective %s, up to %d trials at once; storage %s/%s",
-             name, settings.search_algorithm, describe_space(settings), settings.scheduler,
-             settings.describe_objective(), concurrency, storage_uri, name)
-    if resumed:
-        log.info("search %s exists under %s: resuming it (errored and unfinished trials run again)",
-                 name, storage_uri)
-        tuner = ray.tune.Tuner.restore(experiment_path, trainable, resume_errored=True,
-                                       storage_filesystem=filesystem)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable, param_space=param_space(settings),
-            tune_config=ray.tune.TuneConfig(
-                metric=OBJECTIVE, mode=settings.mode, search_alg=search_algorithm(settings, concurrency),
-                scheduler=trial_scheduler, num_samples=settings.num_samples,
-                trial_dirname_creator=trial_dirname),
-            run_config=ray.tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                          failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
-                                          verbose=1))
-    try:
-        results = tuner.fit()
-    except ray.tune.TuneError as error:
-        pipeline.finish_run(mlflow_settings, parent_run_id, "FAILED")
-        raise UserError(f"search {name}: {error}") from None
-    finally:
-        # Every trial has ended: whatever is still registered is a leftover.
-        leftovers = ray.get(cleaner.sweep.remote())
-        ray.kill(cleaner)
-    if leftovers:
-        log.info("removed %d Ray Train placement group(s) that stopped trials left", leftovers)
+        cleaner = StoppedTrialCleaner.remote()
+        # Paths resolved here: a trial's working folder is not the driver's. The trials' Ray Train
+        # runs live in the search's folder, beside Tune's own state.
+        runtime = replace(config, train=replace(config.train, storage_path=f"{storage_uri}/{name}/train"))
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, context=SearchContext(
+                runtime, settings, data, name, parent_run_id, cleaner, mlflow_settings.tracking_uri)),
+            {"CPU": settings.driver_cpus})
+        log.info("search %s: %s over %s, %s scheduler, objective %s, up to %d trials at once; storage %s/%s",
+                 name, settings.search_algorithm, describe_space(settings), settings.scheduler,
+                 settings.describe_objective(), concurrency, storage_uri, name)
+        if resumed:
+            log.info("search %s exists under %s: resuming it (errored and unfinished trials run again)",
+                     name, storage_uri)
+            tuner = ray.tune.Tuner.restore(experiment_path, trainable, resume_errored=True,
+                                           storage_filesystem=filesystem)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable, param_space=param_space(settings),
+                tune_config=ray.tune.TuneConfig(
+                    metric=OBJECTIVE, mode=settings.mode, search_alg=search_algorithm(settings, concurrency),
+                    scheduler=trial_scheduler, num_samples=settings.num_samples,
+                    trial_dirname_creator=trial_dirname),
+                run_config=ray.tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                              failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures),
+                                              verbose=1))
+        try:
+            results = tuner.fit()
+        except ray.tune.TuneError as error:
+            raise UserError(f"search {name}: {error}") from None
+        finally:
+            # Every trial has ended: whatever is still registered is a leftover.
+            leftovers = ray.get(cleaner.sweep.remote())
+            ray.kill(cleaner)
+        if leftovers:
+            log.info("removed %d Ray Train placement group(s) that stopped trials left", leftovers)
 
-    trials = summarize_trials(results, config, settings)
-    attach_child_runs(mlflow_settings, parent_run_id, trials)
-    best = best_trial(trials, settings)
-    best_path = None
-    if best is not None:
-        best_path = Path(settings.best_config_path or Path("runs", "tune", name, "best_config.yaml"))
-        write_best_config(best_path, best, config, settings, name, parent_run_id)
-    outcome = SearchOutcome(name, parent_run_id, f"{storage_uri}/{name}", trials, best, best_path)
-    record_outcome(mlflow_settings, outcome)
-    log_outcome(outcome, settings)
+        trials = summarize_trials(results, config, settings)
+        attach_child_runs(mlflow_settings, parent_run_id, trials)
+        best = best_trial(trials, settings)
+        best_path = None
+        if best is not None:
+            best_path = Path(settings.best_config_path or Path("runs", "tune", name, "best_config.yaml"))
+            write_best_config(best_path, best, config, settings, name, parent_run_id)
+        outcome = SearchOutcome(name, parent_run_id, f"{storage_uri}/{name}", trials, best, best_path)
+        record_outcome(mlflow_settings, outcome)
+        log_outcome(outcome, settings)
     return outcome
 
 

@@ -9,7 +9,7 @@ these by reference and would otherwise import the whole training stack.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -134,8 +134,7 @@ def run_trial(point: dict[str, Any], context: SearchContext) -> None:
     config = trial_config(context.config, context.settings, point, source=f"trial {trial_id}")
     tags = {"mlflow.parentRunId": context.parent_run_id, SEARCH_TAG: context.search_name, TRIAL_TAG: trial_id,
             **{f"{VARIANT_TAG_PREFIX}{name}": variant for name, variant in point.get("variants", {}).items()}}
-    run_id = trials.train_trial(
+    trials.train_trial(
         config, context.data, f"{context.search_name}-{trial_id}", tracking_uri=context.tracking_uri,
         callbacks=[ObjectiveReportCallback(context.settings)], run_tags=tags,
         rank0_setup=RegisterWorkerGroup(context.stopped_trial_cleaner, ray.util.get_current_placement_group()))
-    trials.finish_run(replace(config.mlflow, tracking_uri=context.tracking_uri), run_id, "FINISHED")
