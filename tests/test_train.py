@@ -316,9 +316,29 @@ def test_a_deterministic_config_feeds_every_worker_the_same_batches_on_every_run
     assert sorted(x.sum().item() for x in torch.cat(first[0])) == sorted(x.sum().item() for x in torch.cat(reseeded))
 
 
+def init_checkpoint(folder: Path, config) -> Path:
+    """A tiny UPSR checkpoint of seeded random networks, to start training from."""
+    from upsr.aux_net import build_aux_net
+    from upsr.checkpoint import CheckpointConfig, save_checkpoint
+    from upsr.denoiser import build_denoiser
+    from upsr.diffusion import UNWDiffusion
+
+    torch.manual_seed(123)
+    return save_checkpoint(folder, build_denoiser(config.denoiser), build_aux_net(config.aux),
+                           UNWDiffusion.from_config(config.diffusion), CheckpointConfig(
+                               denoiser=config.denoiser, aux=config.aux, diffusion=config.diffusion,
+                               weight=config.weight, inference=config.inference))
+
+
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_path):
+def test_init_from_and_a_killed_worker_resuming_from_the_last_checkpoint(workspace, tmp_path):
+    """Training starts from ``--init-from``'s checkpoint (the denoiser, its EMA and the aux net);
+    one worker is SIGKILLed after the first registered checkpoint and the worker group restarts
+    from there. A learning rate far below float32 resolution keeps the weights at the start's
+    throughout, so the exported model must still be the start's."""
     from pipelines.train import train
+
+    source = init_checkpoint(tmp_path / "start", workspace["config"]())
 
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
@@ -342,8 +362,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
     killer = threading.Thread(target=kill_rank_1_after_first_checkpoint, daemon=True)
     killer.start()
     config = workspace["config"](*QUICK, "train.steps=15", "train.checkpoint_every=5", "train.max_failures=1",
-                                 f"train.debug.pid_dir={pid_dir}")
-    result = train(workspace["data"], aux_run.checkpoint_uri, config, "fault")
+                                 "train.lr=1.0e-15", f"train.debug.pid_dir={pid_dir}")
+    result = train(workspace["data"], None, config, "fault", init_from=str(source))
     killer.join(timeout=5)
     assert killed, "the test never saw a worker pid and a registered checkpoint"
     pid, checkpoint_step = killed[0]
@@ -358,6 +378,15 @@ def test_killed_worker_resumes_from_the_last_checkpoint(workspace, aux_run, tmp_
     assert repeated == list(range(checkpoint_step + 1, checkpoint_step + 1 + len(repeated))), steps
     assert all(steps.count(step) <= 2 for step in repeated), steps
     assert int((pid_dir / "rank1.pid").read_text()) != pid
+
+    started = load_file(str(source / "weights.safetensors"))
+    exported = load_file(str(Path(result.checkpoint_uri) / "upsr" / "weights.safetensors"))
+    assert exported.keys() == started.keys()
+    for name, tensor in started.items():  # the EMA (exported) and the aux net both come from the start
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-7, msg=name)
+    for name, tensor in load_file(str(Path(result.checkpoint_uri) / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, started["denoiser." + name], rtol=0, atol=1e-7, msg=name)
+    assert client.get_run(result.run_id).data.tags["init_from"] == str(source)
 
 
 @pytest.mark.slow
@@ -378,38 +407,6 @@ def test_a_nan_batch_is_skipped_and_counted_and_consecutive_ones_stop_the_run(wo
     run_id = runs[0].info.run_id
     assert [step for step, _ in losses(client, run_id)] == [1, 2, 4, 5]
     assert (5, 1.0) in losses(client, run_id, "nonfinite_steps")
-
-
-def init_checkpoint(folder: Path, config) -> Path:
-    """A tiny UPSR checkpoint of seeded random networks, to start training from."""
-    from upsr.aux_net import build_aux_net
-    from upsr.checkpoint import CheckpointConfig, save_checkpoint
-    from upsr.denoiser import build_denoiser
-    from upsr.diffusion import UNWDiffusion
-
-    torch.manual_seed(123)
-    return save_checkpoint(folder, build_denoiser(config.denoiser), build_aux_net(config.aux),
-                           UNWDiffusion.from_config(config.diffusion), CheckpointConfig(
-                               denoiser=config.denoiser, aux=config.aux, diffusion=config.diffusion,
-                               weight=config.weight, inference=config.inference))
-
-
-@pytest.mark.slow
-def test_init_from_starts_the_denoiser_its_ema_and_the_aux_net_from_a_checkpoint(workspace, tmp_path):
-    from pipelines.train import train
-
-    source = init_checkpoint(tmp_path / "start", workspace["config"]())
-    # A learning rate far below float32 resolution: after two steps the weights are still the start's.
-    config = workspace["config"](*QUICK, "train.steps=2", "train.checkpoint_every=2", "train.lr=1.0e-15")
-    result = train(workspace["data"], None, config, "init-from", init_from=str(source))
-    started = load_file(str(source / "weights.safetensors"))
-    exported = load_file(str(Path(result.checkpoint_uri) / "upsr" / "weights.safetensors"))
-    assert exported.keys() == started.keys()
-    for name, tensor in started.items():  # the EMA (exported) and the aux net both come from the start
-        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-7, msg=name)
-    for name, tensor in load_file(str(Path(result.checkpoint_uri) / "model.safetensors")).items():
-        torch.testing.assert_close(tensor, started["denoiser." + name], rtol=0, atol=1e-7, msg=name)
-    assert MlflowClient().get_run(result.run_id).data.tags["init_from"] == str(source)
 
 
 def test_init_from_must_fit_the_configured_denoiser(tmp_path):
