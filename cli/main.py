@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
 
-from pipelines.entry import execute
+from pipelines.entry import add_log_level, execute
 
 # subcommand -> (module defining add_arguments(parser) and run(args), summary). Only the chosen
 # job's module is imported, so `upsr --help` does not load torch and Ray.
@@ -33,21 +34,32 @@ JOBS = {
 }
 
 
+def version() -> str:
+    """This package's version and the pins that decide what it computes, read without importing them."""
+    pins = ", ".join(f"{name} {metadata.version(name)}" for name in ("ray", "torch", "mlflow"))
+    return f"upsr-ray {metadata.version('upsr-ray')} ({pins})"
+
+
 def build_parser(job: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upsr", description=__doc__)
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, (module_name, summary) in JOBS.items():
-        job_parser = sub.add_parser(name, help=summary, description=summary)
         if name == job:
             module = importlib.import_module(module_name)
+            job_parser = sub.add_parser(name, help=summary, description=module.__doc__ or summary,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+            add_log_level(job_parser)
             module.add_arguments(job_parser)
             job_parser.set_defaults(run=module.run, load_config=getattr(module, "load_config", None))
+        else:
+            sub.add_parser(name, help=summary, description=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    job = next((a for a in argv if not a.startswith("-")), None)
+    job = next((a for a in argv if a in JOBS), None)
     args = build_parser(job).parse_args(argv)
     return execute(args.run, args, args.load_config)
 

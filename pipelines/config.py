@@ -131,6 +131,7 @@ class TrainConfig:
     checkpoint_every: int = 5000
     num_to_keep: int = 3
     validate_every: int = 5000
+    # Validation scores the first val_batches x batch_size held-out crops: the same ones in every run.
     val_batches: int = 4
     log_every: int = 50
     num_workers: int = 2
@@ -191,7 +192,7 @@ class TrainDataConfig:
     # Rows shuffled in each worker's buffer (0: read order); blocks are shuffled every epoch too.
     shuffle_buffer: int = 256
     prefetch_batches: int = 2
-    # Decode once and keep the decoded splits in Ray's object store for the whole run. Only for
+    # Decode once and keep the decoded train split in Ray's object store for the whole run. Only for
     # small datasets (tests, CPU demos), where restarting the read-and-decode pipeline every
     # epoch costs more than the epoch itself.
     materialize: bool = False

@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 
 from pipelines.errors import UserError, caused_by_interrupt, interrupt_on_sigterm
 from upsr.config_loader import ConfigError
@@ -17,11 +18,17 @@ from upsr.config_loader import ConfigError
 log = logging.getLogger("upsr")
 
 
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="how much the job logs (default INFO; DEBUG adds the libraries' detail)")
+
+
 def run_job(module, argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipelines.<job>``."""
     # Run with -m, the module is named __main__; its spec keeps the dotted name.
     parser = argparse.ArgumentParser(prog=f"python -m {module.__spec__.name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_log_level(parser)
     module.add_arguments(parser)
     return execute(module.run, parser.parse_args(argv))
 
@@ -32,7 +39,8 @@ def execute(run, args, load_config=None) -> int:
     ``load_config(paths, overrides)`` reads the job's config for ``--print-config`` (default: the
     jobs' ``pipelines.config.load``).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # `ray job stop` and process managers send SIGTERM: unwind as for Ctrl-C, so that jobs mark
     # their MLflow runs KILLED instead of leaving them RUNNING.
     previous = signal.getsignal(signal.SIGTERM)
@@ -51,6 +59,9 @@ def execute(run, args, load_config=None) -> int:
     except BaseException as error:
         if not caused_by_interrupt(error):
             raise
+        # Library threads the interrupt cut off (Ray Data's listing pool, for one) may fail as the
+        # process exits: expected now, so not printed as tracebacks after the message below.
+        threading.excepthook = lambda hook: log.debug("a thread ended by the interrupt: %r", hook.exc_value)
         log.error("interrupted: nothing unfinished was marked finished (a dataset has no manifest yet, a "
                   "training run is KILLED with its checkpoints kept, the registry is unchanged unless a "
                   "promotion had completed); run the command again (synth with --overwrite, train with the "

@@ -114,8 +114,8 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     with tracking.run_ended_unless_done(lambda: create_run(mlflow_client, config, model, eval_set, lpips, settings),
                                         mlflow_client.set_terminated) as run_id:
         log_inputs(mlflow_client, run_id, config, model, eval_set, lpips, out_uri, gpus)
-        log.info("evaluating %s on %s (%s, %d images); MLflow run %s", model.label, eval_set.uri, eval_set.layout,
-                 len(eval_set.ids), run_id)
+        log.info("evaluating %s on %s (%s, %d images); MLflow run: %s", model.label, eval_set.uri,
+                 eval_set.layout, len(eval_set.ids), tracking.run_page(config.mlflow, run_id))
         started = time.monotonic()
         try:
             rows = run_inference(model, eval_set, config, lpips, gpus)
@@ -141,7 +141,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
         write_outputs(table, summary, out_uri, config)
         log_results(mlflow_client, run_id, model, eval_set, table, summary, panels)
         mlflow_client.set_terminated(run_id, "FINISHED" if complete else "FAILED")
-    report(summary, problems, out_uri)
+    report(summary, problems, out_uri, tracking.run_page(config.mlflow, run_id))
     return Evaluation(table, summary, complete, run_id, problems)
 
 
@@ -336,7 +336,7 @@ def log_results(mlflow_client, run_id: str, model: registry.ModelRef, eval_set: 
         mlflow_client.set_tag(run_id, key, value)
 
 
-def report(summary: dict[str, Any], problems: list[str], out_uri: str) -> None:
+def report(summary: dict[str, Any], problems: list[str], out_uri: str, run_page: str) -> None:
     lines = [f"  {name:15s} mean {s['mean']:.4f}  std {s['std']:.4f}  median {s['median']:.4f}  (n={s['count']}, "
              f"{'higher' if s['higher_is_better'] else 'lower'} is better)"
              for name, s in summary["metrics"].items()]
@@ -346,7 +346,7 @@ def report(summary: dict[str, Any], problems: list[str], out_uri: str) -> None:
     log.info("evaluation of %s on %s (%d images, eval-set hash %s):\n%s\n  table: %s\n  summary: %s\n"
              "  MLflow run: %s", summary["model"]["loaded"], summary["eval_set"]["uri"], summary["eval_set"]["images"],
              summary["eval_set"]["hash"] or "none (incomplete)", "\n".join(lines), out_uri, summary_uri(out_uri),
-             summary["mlflow_run_id"])
+             run_page)
     for problem in problems:
         log.error("evaluation incomplete: %s", problem)
 

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import MlflowConfig, public_dict
 from pipelines.errors import caused_by_interrupt, interrupts_deferred
+from pipelines.storage import redact_uri
 from upsr.config_loader import flatten
 
 if TYPE_CHECKING:
@@ -53,6 +54,16 @@ def tracking_uri(settings: MlflowConfig) -> str:
     database = Path("runs/mlflow.db").resolve()
     database.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{database}"
+
+
+def run_page(settings: MlflowConfig, run_id: str) -> str:
+    """Where a person opens the run: its page on a tracking server, or for a local store the
+    ``mlflow ui`` command that serves it and the page's path there."""
+    uri = tracking_uri(settings)
+    page = f"#/experiments/{MlflowClient(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{redact_uri(uri).rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {redact_uri(uri)}`, then http://127.0.0.1:5000/{page}"
 
 
 def artifact_location(settings: MlflowConfig, uri: str) -> str | None:

@@ -1,10 +1,11 @@
-"""Training data of both training jobs: a synthesised dataset as Ray Datasets split by photograph.
+"""Training data of both training jobs: a synthesised dataset split by photograph.
 
 The validation split holds every crop of a deterministic fraction of the source photographs,
-so no crop of a validation photograph is ever trained on. Shards are read with
-``ray.data.read_parquet`` (exactly those the manifest lists) and the PNGs are decoded in
-``map_batches``; workers receive uint8 NHWC batches and turn them into float NCHW tensors in
-[0, 1] on their device, with a random flip and 90-degree rotation per pair.
+so no crop of a validation photograph is ever trained on. The train split streams through Ray
+Data: shards read with ``ray.data.read_parquet`` (exactly those the manifest lists), PNGs
+decoded in ``map_batches``; workers receive uint8 NHWC batches and turn them into float NCHW
+tensors in [0, 1] on their device, with a random flip and 90-degree rotation per pair. The few
+validation crops a run scores are read once by the driver, in the dataset's own order.
 """
 
 from __future__ import annotations
@@ -35,14 +36,28 @@ log = logging.getLogger(__name__)
 class TrainingData:
     dataset: SynthDataset
     train: ray.data.Dataset
-    val: ray.data.Dataset | None
     train_sources: list[str]
     val_sources: list[str]
     train_rows: int
+    crop_sizes: dict[str, int]  # decode_pairs' hr_size and lr_size
 
     @property
     def datasets(self) -> dict[str, ray.data.Dataset]:
-        return {"train": self.train} | ({"val": self.val} if self.val is not None else {})
+        return {"train": self.train}
+
+    def validation_pairs(self, rows: int) -> dict[str, np.ndarray] | None:
+        """The first ``rows`` crops of the held-out photographs in the dataset's own order (shard by
+        shard, as synth wrote them), decoded: the same images in every run, trial and resume of any
+        config, so that validation scores compare. None when nothing is held out.
+
+        Read here with pyarrow: a streaming pipeline would cost more to start than these few
+        crops cost to read.
+        """
+        if not self.val_sources or rows < 1:
+            return None
+        table = pads.dataset(self.dataset.shard_paths, filesystem=self.dataset.location.fs, format="parquet").head(
+            rows, columns=["source", "hr_png", "lr_png"], filter=pads.field("source").isin(self.val_sources))
+        return decode_pairs(table.to_pydict(), keep=set(self.val_sources), **self.crop_sizes)
 
 
 def split_sources(sources: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -78,15 +93,14 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
     rows.context.execution_options.preserve_order = settings.deterministic
     synth = dataset.manifest["config"]["synth"]
     scale = dataset.manifest["config"]["degradation"]["scale"]
-    shapes = {"hr_size": synth["crop_size"], "lr_size": synth["crop_size"] // scale}
-
-    def split(names: list[str]) -> ray.data.Dataset:
-        decoded = rows.map_batches(decode_pairs, fn_kwargs={"keep": set(names), **shapes}, batch_format="numpy")
-        return decoded.materialize() if settings.materialize else decoded
-
+    crop_sizes = {"hr_size": synth["crop_size"], "lr_size": synth["crop_size"] // scale}
+    train = rows.map_batches(decode_pairs, fn_kwargs={"keep": set(train_sources), **crop_sizes},
+                             batch_format="numpy")
+    if settings.materialize:
+        train = train.materialize()
     block_order_seed = derive_seed(settings.split_seed, "block-order") if settings.deterministic else None
-    return TrainingData(dataset, split(train_sources).randomize_block_order(seed=block_order_seed),
-                        split(val_sources) if val_sources else None, train_sources, val_sources, train_rows)
+    return TrainingData(dataset, train.randomize_block_order(seed=block_order_seed), train_sources, val_sources,
+                        train_rows, crop_sizes)
 
 
 def decode_pairs(batch: dict[str, np.ndarray], keep: set[str], hr_size: int, lr_size: int) -> dict[str, np.ndarray]:
@@ -106,6 +120,15 @@ def to_images(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
         return images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
     return convert(batch["lr"]), convert(batch["hr"])
+
+
+def validation_batches(pairs: dict[str, np.ndarray], batch_size: int,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``validation_pairs`` as ``(lr, hr)`` float batches on ``device`` (the last one may be short)."""
+    import torch
+
+    return [to_images({name: torch.from_numpy(images[start:start + batch_size]) for name, images in pairs.items()},
+                      device) for start in range(0, len(pairs["hr"]), batch_size)]
 
 
 def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,8 +22,8 @@ Invariants the loop keeps:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
-import itertools
 import logging
 import math
 import os
@@ -45,7 +45,8 @@ from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.config import Config, TrainConfig
 from pipelines.images import derive_seed
-from pipelines.train_data import TrainingData, augment, ingest_config, iter_batches, open_training_data
+from pipelines.train_data import (TrainingData, augment, ingest_config, iter_batches, open_training_data,
+                                  validation_batches)
 
 log = logging.getLogger(__name__)
 
@@ -291,16 +292,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             window.time(data_seconds, time.perf_counter() - started)
 
             if logger and (step % settings.log_every == 0 or step == settings.steps or not finite):
-                logger.metrics(window.flush(global_batch) | {
-                    "lr": scheduler.get_last_lr()[0], "nonfinite_steps": state.nonfinite_steps}, step)
+                averages = window.flush(global_batch)
+                logger.metrics(averages | {"lr": scheduler.get_last_lr()[0], "nonfinite_steps": state.nonfinite_steps},
+                               step)
+                # The console's progress (`ray job logs -f` shows it): MLflow has the full record.
+                log.info("%s", progress_line(job.name, step, settings.steps, averages, global_batch))
             if rank == 0 and (step % settings.validate_every == 0 or step == settings.steps):
-                if loop_config["has_val"] and settings.val_batches:
+                if loop_config["val_pairs"] is not None:
                     if val_batches is None:
-                        # The same few batches every time: comparable scores, one read of the val split.
-                        val_shard = ray.train.get_dataset_shard("val")
-                        val_batches = list(itertools.islice(iter_batches(
-                            val_shard, settings.batch_size, config.train_data, device, shuffle=False),
-                            settings.val_batches))
+                        val_batches = validation_batches(ray.get(loop_config["val_pairs"]), settings.batch_size,
+                                                         device)
                     latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
                     logger.metrics(latest_validation, step)
             if step % settings.checkpoint_every == 0 or step == settings.steps:
@@ -363,6 +364,17 @@ class _Window:
             values["data_wait_fraction"] = self.data_seconds / self.step_seconds
         self.reset()
         return values
+
+
+def progress_line(job: str, step: int, total: int, averages: dict[str, float], global_batch: int) -> str:
+    """``train step 40/90 (44%): loss 0.0123, 35.2 samples/s, data wait 12%, ETA 0:00:25``, from the
+    averages since the last line (``_Window.flush``)."""
+    details = [f"loss {averages['loss']:.4g}"] if "loss" in averages else ["no finite step since the last line"]
+    rate = averages.get("samples_per_s")
+    if rate:
+        eta = datetime.timedelta(seconds=round((total - step) * global_batch / rate))
+        details += [f"{rate:.1f} samples/s", f"data wait {averages['data_wait_fraction']:.0%}", f"ETA {eta}"]
+    return f"{job} step {step}/{total} ({100 * step // total}%): " + ", ".join(details)
 
 
 # --- driver side -----------------------------------------------------------------------------
@@ -428,6 +440,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         data = open_training_data(data_uri, config.train_data, config.storage)
     global_batch = settings.batch_size * settings.num_workers
     train_rows = data.train_rows
+    val_pairs = data.validation_pairs(settings.val_batches * settings.batch_size)
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
@@ -441,15 +454,16 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
             "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
             "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
             "checkpoint_storage": f"{storage_uri}/{run_name}"})
-        log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s", job.name,
-                 run_name, settings.num_workers, settings.batch_size, global_batch, settings.lr, storage_uri,
-                 run_name)
+        log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s; "
+                 "MLflow run: %s", job.name, run_name, settings.num_workers, settings.batch_size, global_batch,
+                 settings.lr, storage_uri, run_name, tracking.run_page(mlflow_settings, run_id))
         resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,
                                "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
-                               "has_val": data.val is not None, "rank0_setup": rank0_setup,
+                               "val_pairs": ray.put(val_pairs) if val_pairs is not None else None,
+                               "rank0_setup": rank0_setup,
                                "task_options": {key: ray.put(value) for key, value in (task_options or {}).items()}},
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                          resources_per_worker=resources),
@@ -458,7 +472,6 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                                  checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
                                  callbacks=list(callbacks)),
             datasets=data.datasets,
-            # Validation runs on rank 0 over the whole val split: only the train split is sharded.
             dataset_config=ingest_config(config.train_data, datasets_to_split=["train"]),
         )
         try:
@@ -472,6 +485,8 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         if publish is not None:
             publish(fitted)
         end_run(run_id, "FINISHED")
+    log.info("%s: run %s finished, last checkpoint %s; MLflow run: %s", job.name, run_name, checkpoint_uri,
+             tracking.run_page(mlflow_settings, run_id))
     return fitted
 
 

@@ -99,6 +99,6 @@ def interrupt(process: subprocess.Popen) -> str:
         process.kill()
         pytest.fail("the job did not exit within 120 s of SIGINT")
     assert process.returncode == 130, stderr[-3000:]
-    assert INTERRUPTED in stderr
-    assert "Traceback" not in stderr.split("interrupted:")[-1]
+    assert INTERRUPTED in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr.split("interrupted:")[-1], stderr[-3000:]
     return stderr

@@ -262,6 +262,10 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
         assert logs.returncode == 0 and "upsr" in logs.stdout
         texts[f"ray job logs {job_id}"] = logs.stdout + logs.stderr
         texts[f"job API {job_id}"] = stack.api(f"/api/jobs/{job_id}")[1]
+    # The training job's console names its MLflow run's page on the server, and its progress.
+    train_logs = texts["ray job logs it-train"]
+    assert f"MLflow run: {exports['MLFLOW_TRACKING_URI'].rstrip('/')}/#/experiments/" in train_logs
+    assert f"train step {TRAIN_STEPS}/{TRAIN_STEPS} (100%): loss " in train_logs
     all_runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(all_runs) >= 2
     for run in all_runs:

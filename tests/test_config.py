@@ -108,3 +108,34 @@ def test_print_config_shows_the_resolved_config(capsys):
     printed = capsys.readouterr().out
     assert "steps: 3" in printed and config_module.load("configs/tiny.yaml", ["train.steps=3"]) == \
         config_module.from_yaml(printed)
+
+
+def test_version_log_level_and_full_job_help(capsys):
+    from importlib import metadata
+
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"upsr-ray {metadata.version('upsr-ray')} (ray 2.60.0, torch ")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--log-level" in help_text
+    import pipelines.train
+
+    assert pipelines.train.__doc__.strip().splitlines()[0] in help_text  # the job's own description
+    with pytest.raises(SystemExit) as exited:
+        main(["synth", "--log-level", "LOUD"])
+    assert exited.value.code == 2 and "invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+def test_training_progress_line_gives_step_loss_throughput_and_eta():
+    from pipelines.training_loop import progress_line
+
+    line = progress_line("train", 40, 90, {"loss": 0.012345, "samples_per_s": 8.0, "data_wait_fraction": 0.125}, 8)
+    # 50 steps left x 8 samples at 8 samples/s = 50 s
+    assert line == "train step 40/90 (44%): loss 0.01235, 8.0 samples/s, data wait 12%, ETA 0:00:50"
+    assert progress_line("train-aux", 5, 10, {}, 8) == "train-aux step 5/10 (50%): no finite step since the last line"

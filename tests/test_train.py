@@ -29,7 +29,7 @@ from pipelines.errors import UserError
 from pipelines.dataset import open_dataset
 from pipelines.images import decode_png
 from pipelines.synth import synthesize
-from pipelines.train_data import split_sources
+from pipelines.train_data import open_training_data, split_sources, validation_batches
 from tests.support import VENV_BIN, interrupt, make_bucket, photo, start_job, wait_for, write_photos
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,21 +110,31 @@ TINY_ATD = ("aux.arch=ATD", "aux.options={upscale: 4, embed_dim: 16, depths: [2]
             "category_size: 32, num_tokens: 8, reducted_dim: 4, convffn_kernel_size: 3, mlp_ratio: 1}")
 
 
-@pytest.mark.slow
-def test_train_aux_trains_the_release_atd(workspace, tmp_path):
-    from pipelines.train_aux import train_aux
+def test_train_aux_trains_the_release_atd(tmp_path):
+    """train-aux's task with the release's ATD: its steps move the weights, and the exported file
+    loads back into the configured architecture. (The job around the task is the same for every
+    architecture: test_train_aux_end_to_end.)"""
+    from pipelines.train_aux import AuxTask
     from upsr.aux_net import build_aux_net, load_aux_weights
 
-    config = workspace["config"](*TINY_ATD, "aux_train.steps=4", "aux_train.checkpoint_every=4",
-                                 "aux_train.val_batches=0", f"aux_train.storage_path={tmp_path}")
-    result = train_aux(workspace["data"], config, "atd")
-    history = [value for _, value in losses(MlflowClient(), result.run_id)]
-    assert len(history) == 4 and all(np.isfinite(history))
+    config = config_module.load(REPO / "configs" / "tiny.yaml", list(TINY_ATD))
+    torch.manual_seed(0)
+    task = AuxTask(config, torch.device("cpu"))
+    untrained = {name: tensor.clone() for name, tensor in task.model.net.state_dict().items()}
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
+    lr_images, hr_images = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 64, 64)
+    for _ in range(3):
+        loss = task.losses(task.model, lr_images, hr_images, torch.Generator())["loss"]
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task.export(task.model, tmp_path)
     aux = build_aux_net(config.aux)
-    load_aux_weights(aux, Path(result.checkpoint_uri) / "aux.safetensors")
-    torch.manual_seed(config.aux_train.seed)
-    untrained = build_aux_net(config.aux).net.state_dict()
-    assert any(not torch.equal(tensor, untrained[name]) for name, tensor in aux.net.state_dict().items())
+    load_aux_weights(aux, tmp_path / "aux.safetensors")
+    trained = aux.net.state_dict()
+    assert any(not torch.equal(trained[name], tensor) for name, tensor in untrained.items())
+    assert all(torch.equal(trained[name], tensor) for name, tensor in task.model.net.state_dict().items())
 
 
 @pytest.mark.slow
@@ -287,7 +297,7 @@ def read_epochs(config, data_uri: str, shuffle_seeds: list[int], world_size: int
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.train_data import ingest_config, iter_batches, open_training_data
+    from pipelines.train_data import ingest_config, iter_batches
 
     data = open_training_data(data_uri, config.train_data, config.storage)
     shards = ingest_config(config.train_data, ["train"]).configure(
@@ -515,3 +525,34 @@ def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_pa
     (tmp_path / "aux_config.json").write_text(json_module.dumps(other))
     with pytest.raises(UserError, match="aux.options"):
         resolve_aux(str(tmp_path), config)
+
+
+@pytest.mark.slow
+def test_validation_crops_are_the_same_held_out_crops_in_every_run(workspace):
+    data = open_training_data(workspace["data"], workspace["config"]().train_data, workspace["config"]().storage)
+    dataset = open_dataset(workspace["data"])
+    rows = pq.read_table(dataset.shard_paths).to_pylist()
+    held_out = [decode_png(r["hr_png"]).tobytes() for r in rows if r["source"] in data.val_sources]
+    assert data.val_sources and 2 < len(held_out) < len(rows)
+
+    first = data.validation_pairs(3)
+    assert [hr.tobytes() for hr in first["hr"]] == held_out[:3]  # in the dataset's order
+    assert first["lr"].shape == (3, 32, 32, 3) and first["hr"].shape == (3, 128, 128, 3)
+    again = open_training_data(workspace["data"], workspace["config"]().train_data, workspace["config"]().storage)
+    assert all(np.array_equal(first[k], again.validation_pairs(3)[k]) for k in ("lr", "hr"))
+    assert len(data.validation_pairs(10_000)["hr"]) == len(held_out)
+    assert data.validation_pairs(0) is None
+    batches = validation_batches(data.validation_pairs(len(held_out)), 2, torch.device("cpu"))
+    assert [len(hr) for _, hr in batches] == [2] * (len(held_out) // 2) + [1] * (len(held_out) % 2)
+    assert batches[0][1].dtype == torch.float32 and float(batches[0][1].max()) <= 1
+
+
+def test_the_run_page_is_a_server_link_or_the_mlflow_ui_command(tmp_path):
+    from pipelines.config import MlflowConfig
+    from pipelines.tracking import connect, run_page
+
+    settings = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = connect(settings)
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    assert run_page(settings, run_id) == (f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`, "
+                                          f"then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")

@@ -124,7 +124,7 @@ def search(data_uri: str, aux_uri: str, config: Config, settings: TuneConfig, na
     trial_scheduler = scheduler(settings, config.train)
     pipeline.init_ray(config)
     config, data = pipeline.open_search_inputs(data_uri, aux_uri, config)
-    if data.val is None:
+    if not data.val_sources:
         raise UserError(f"{data_uri}: train_data.val_fraction = {config.train_data.val_fraction} leaves no "
                         f"validation photographs among {len(data.train_sources)}; a search needs them for its "
                         "objective")
@@ -318,9 +318,10 @@ def last_line(text: str) -> str:
 def attach_child_runs(settings: MlflowConfig, parent_run_id: str, trials: list[TrialSummary]) -> None:
     """Link each trial to its MLflow run and close runs that the trial could not close itself.
 
-    A trial stopped by the scheduler is ended by Ray before its function returns (KILLED, tag
-    ``tune_outcome = stopped_early``); a run whose trial was restarted (a retry, a resumed
-    search) is superseded by the newer one.
+    A trial stopped by the scheduler is ended by Ray before its function returns, its run left
+    RUNNING or marked FAILED by the unwinding: the search sets it KILLED (tag ``tune_outcome =
+    stopped_early``). A run whose trial was restarted (a retry, a resumed search) is superseded by
+    the newer one.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -346,7 +347,7 @@ def attach_child_runs(settings: MlflowConfig, parent_run_id: str, trials: list[T
             continue
         trial.run_id = run.info.run_id
         client.set_tag(run.info.run_id, OUTCOME_TAG, trial.outcome)
-        if run.info.status == "RUNNING":
+        if run.info.status != status_of[trial.outcome]:
             client.set_terminated(run.info.run_id, status_of[trial.outcome])
 
 
