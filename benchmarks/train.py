@@ -88,7 +88,6 @@ def ray_train(root: Path, data_uri: str, workers: int, global_batch: int, steps:
     """(samples/s, data wait fraction) of ``upsr train`` with ``workers`` workers."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
     from pipelines.train import TRAIN
     from pipelines.training_loop import fit
 
@@ -96,7 +95,6 @@ def ray_train(root: Path, data_uri: str, workers: int, global_batch: int, steps:
                                 f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1",
                                 f"train.validate_every={steps + 1}", "train.cpus_per_worker=1"])
     result = fit(TRAIN, config, data_uri, f"bench-{workers}-workers")
-    tracking.finish_run(config.mlflow, result.run_id, "FINISHED")
     client = MlflowClient()
 
     def history(key: str) -> list[float]:

@@ -112,7 +112,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     gpus = actor_gpus(config.evaluate)
     mlflow_client = tracking.client(config.mlflow)
     with tracking.run_ended_unless_done(lambda: create_run(mlflow_client, config, model, eval_set, lpips, settings),
-                                        mlflow_client.set_terminated) as run_id:
+                                        mlflow_client) as run_id:
         log_inputs(mlflow_client, run_id, config, model, eval_set, lpips, out_uri, gpus)
         log.info("evaluating %s on %s (%s, %d images); MLflow run: %s", model.label, eval_set.uri,
                  eval_set.layout, len(eval_set.ids), tracking.run_page(config.mlflow, run_id))
@@ -294,8 +294,7 @@ def table_bytes(table: pa.Table) -> bytes:
 
 def log_results(mlflow_client, run_id: str, model: registry.ModelRef, eval_set: EvalSet, table: pa.Table,
                 summary: dict[str, Any], panels: dict[str, bytes]) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     values = {"images": summary["eval_set"]["images"], "failed_images": summary["failed_images"]}
@@ -304,18 +303,15 @@ def log_results(mlflow_client, run_id: str, model: registry.ModelRef, eval_set: 
     if summary["seconds"]["upscale_mean"] is not None:
         values["seconds_per_image"] = summary["seconds"]["upscale_mean"]
     set_hash = summary["eval_set"]["hash"]
-    dataset = None
+    dataset_name = dataset_digest = None
     if set_hash:
-        # MLflow stores at most 36 characters of a dataset digest.
-        dataset = Dataset(name=Path(eval_set.uri.rstrip("/")).name or "eval", digest=set_hash[:36],
-                          source_type="s3" if storage.is_s3(eval_set.uri) else "local",
-                          source=json.dumps({"uri": eval_set.location.uri}))
-        context = InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")
-        mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset, [context])])
+        dataset_name, dataset_digest = tracking.log_dataset_input(
+            mlflow_client, run_id, eval_set.location.uri, set_hash, "evaluation",
+            {"images": summary["eval_set"]["images"]})
     # Linked to the registered version's logged model (MLflow 3), the aggregates show on its page.
     mlflow_client.log_batch(run_id, metrics=[
-        Metric(key, float(value), now, 0, model_id=model.model_id,
-               dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None)
+        Metric(key, float(value), now, 0, model_id=model.model_id, dataset_name=dataset_name,
+               dataset_digest=dataset_digest)
         for key, value in values.items()])
     with tempfile.TemporaryDirectory(prefix="upsr-eval-") as folder:
         root = Path(folder)

@@ -11,6 +11,7 @@ the same content under the same settings and reuse its per-image table. The mode
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
+# Why a run ended KILLED or FAILED.
+END_REASON_TAG = "end_reason"
 _SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
 # MLflow rejects param values longer than this.
 _MAX_PARAM_LENGTH = 6000
@@ -136,7 +139,7 @@ def start_run(settings: MlflowConfig, run_name: str, config: Any, job: str, mani
         mlflow.end_run("RUNNING")
         return run.info.run_id
 
-    with run_ended_unless_done(create, MlflowClient().set_terminated) as run_id:
+    with run_ended_unless_done(create, MlflowClient()) as run_id:
         mlflow.start_run(run_id=run_id)
         try:
             mlflow.log_params(loggable_params(config))
@@ -148,9 +151,9 @@ def start_run(settings: MlflowConfig, run_name: str, config: Any, job: str, mani
 
 
 @contextmanager
-def run_ended_unless_done(create: Callable[[], str], end: Callable[[str, str], None]) -> Iterator[str]:
-    """``create()`` an MLflow run and yield its id; if the block raises, ``end(run_id, status)`` marks
-    the run KILLED (Ctrl-C, ``ray job stop``) or FAILED, so that no run is left RUNNING.
+def run_ended_unless_done(create: Callable[[], str], client: MlflowClient) -> Iterator[str]:
+    """``create()`` an MLflow run and yield its id; if the block raises, the run ends KILLED (Ctrl-C,
+    ``ray job stop``) or FAILED, with the reason in its ``end_reason`` tag: no run is left RUNNING.
 
     Interrupts are held while the run is created: one that lands then is raised once the id is known.
     """
@@ -161,8 +164,29 @@ def run_ended_unless_done(create: Callable[[], str], end: Callable[[str, str], N
         yield run_id
     except BaseException as error:
         if run_id is not None:
-            end(run_id, "KILLED" if caused_by_interrupt(error) else "FAILED")
+            interrupted = caused_by_interrupt(error)
+            text = str(error).strip()
+            reason = ("interrupted (Ctrl-C, or SIGTERM from `ray job stop`)" if interrupted
+                      else f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}")
+            client.set_tag(run_id, END_REASON_TAG, reason[:5000])
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, uri: str, digest: str, context: str,
+                      profile: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The run's dataset as an MLflow input (``context``: training or evaluation), named by its
+    folder, identified by ``digest`` (MLflow keeps 36 characters), with ``profile`` (row counts);
+    returns the (name, digest) that metrics computed on it refer to."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    public_uri = redact_uri(uri)
+    dataset = Dataset(name=Path(public_uri.rstrip("/")).name or "dataset", digest=digest[:36],
+                      source_type="s3" if public_uri.startswith("s3://") else "local",
+                      source=json.dumps({"uri": public_uri}), profile=json.dumps(profile) if profile else None)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    return dataset.name, dataset.digest
 
 
 def log_run_facts(settings: MlflowConfig, run_id: str, facts: dict[str, Any]) -> None:

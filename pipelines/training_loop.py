@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import logging
 import math
 import os
@@ -446,14 +445,18 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
-    end_run = functools.partial(tracking.finish_run, mlflow_settings)
+    mlflow_client = tracking.client(mlflow_settings)
     with tracking.run_ended_unless_done(lambda: tracking.start_run(
             mlflow_settings, run_name, config, job.name, data.dataset.manifest, data.dataset.manifest_hash,
-            config_yaml, run_tags), end_run) as run_id:
+            config_yaml, run_tags), mlflow_client) as run_id:
         tracking.log_run_facts(mlflow_settings, run_id, {
             "global_batch_size": global_batch, "effective_lr": settings.lr, "train_rows": train_rows,
             "val_sources": len(data.val_sources), "train_sources": len(data.train_sources),
             "checkpoint_storage": f"{storage_uri}/{run_name}"})
+        tracking.log_dataset_input(mlflow_client, run_id, data.dataset.location.uri,
+                                   data.dataset.manifest_hash, "training", {
+                                       "rows": data.dataset.manifest["counts"]["rows"], "train_rows": train_rows,
+                                       "train_photos": len(data.train_sources), "val_photos": len(data.val_sources)})
         log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s; "
                  "MLflow run: %s", job.name, run_name, settings.num_workers, settings.batch_size, global_batch,
                  settings.lr, storage_uri, run_name, tracking.run_page(mlflow_settings, run_id))
@@ -484,7 +487,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         fitted = FitResult(run_id, result.checkpoint, checkpoint_uri, data)
         if publish is not None:
             publish(fitted)
-        end_run(run_id, "FINISHED")
+        mlflow_client.set_terminated(run_id, "FINISHED")
     log.info("%s: run %s finished, last checkpoint %s; MLflow run: %s", job.name, run_name, checkpoint_uri,
              tracking.run_page(mlflow_settings, run_id))
     return fitted

@@ -13,11 +13,10 @@ from typing import Any, Callable, Sequence
 from pipelines.config import Config, MlflowConfig, TrainConfig, to_yaml
 from pipelines.errors import UserError
 from pipelines.storage import redact_uri
-from pipelines.tracking import (connect, finish_run, log_run_facts, run_ended_unless_done, start_run,
-                                tracking_uri)
+from pipelines.tracking import connect, log_run_facts, run_ended_unless_done, start_run, tracking_uri
 
 __all__ = [
-    "Config", "MlflowConfig", "TrainConfig", "UserError", "to_yaml", "redact_uri", "connect", "finish_run",
+    "Config", "MlflowConfig", "TrainConfig", "UserError", "to_yaml", "redact_uri", "connect",
     "log_run_facts", "run_ended_unless_done", "start_run", "tracking_uri", "open_search_inputs",
     "checkpoint_storage", "train_trial", "init_ray",
 ]

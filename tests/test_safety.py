@@ -223,25 +223,37 @@ def test_ctrl_c_that_library_clean_up_turns_into_another_error_is_still_an_inter
 
 def test_no_mlflow_run_is_left_running_whatever_stops_the_job():
     """A Ctrl-C that lands while the run is being created is held until its id is known; whatever
-    stops the job after that ends the run, KILLED for an interrupt, FAILED for an error."""
+    stops the job after that ends the run, KILLED for an interrupt, FAILED for an error, and says why."""
     import os
     import signal
 
-    from pipelines.tracking import run_ended_unless_done
+    from pipelines.tracking import END_REASON_TAG, run_ended_unless_done
 
-    ended: list[tuple[str, str]] = []
+    class Client:
+        def __init__(self):
+            self.ended, self.tags = [], {}
+
+        def set_terminated(self, run_id, status):
+            self.ended.append((run_id, status))
+
+        def set_tag(self, run_id, key, value):
+            self.tags[run_id, key] = value
+
+    client = Client()
 
     def create_interrupted() -> str:
         os.kill(os.getpid(), signal.SIGINT)  # delivered mid-creation
         return "run-1"
 
     with pytest.raises(KeyboardInterrupt):
-        with run_ended_unless_done(create_interrupted, lambda run_id, status: ended.append((run_id, status))):
+        with run_ended_unless_done(create_interrupted, client):
             pytest.fail("the block must not start after an interrupt")
     with pytest.raises(RuntimeError):
-        with run_ended_unless_done(lambda: "run-2", lambda run_id, status: ended.append((run_id, status))):
-            raise RuntimeError("broken")
-    with run_ended_unless_done(lambda: "run-3", lambda run_id, status: ended.append((run_id, status))) as run_id:
+        with run_ended_unless_done(lambda: "run-2", client):
+            raise RuntimeError("broken\nthe disk is full")
+    with run_ended_unless_done(lambda: "run-3", client) as run_id:
         assert run_id == "run-3"
-    assert ended == [("run-1", "KILLED"), ("run-2", "FAILED")]
+    assert client.ended == [("run-1", "KILLED"), ("run-2", "FAILED")]
+    assert client.tags["run-1", END_REASON_TAG].startswith("interrupted")
+    assert client.tags["run-2", END_REASON_TAG] == "RuntimeError: the disk is full"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

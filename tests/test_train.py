@@ -153,7 +153,15 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
     assert params["global_batch_size"] == "8"
     assert params["aux.weights"].endswith("aux.safetensors")
     tags = run.data.tags
-    assert tags["dataset_manifest_sha256"] == open_dataset(workspace["data"]).manifest_hash
+    manifest_hash = open_dataset(workspace["data"]).manifest_hash
+    assert tags["dataset_manifest_sha256"] == manifest_hash
+    [training_input] = run.inputs.dataset_inputs
+    assert training_input.dataset.digest == manifest_hash[:36] and training_input.dataset.name == "data"
+    assert [(tag.key, tag.value) for tag in training_input.tags] == [("mlflow.data.context", "training")]
+    assert json.loads(training_input.dataset.profile) == {
+        "rows": open_dataset(workspace["data"]).manifest["counts"]["rows"], "train_rows": int(params["train_rows"]),
+        "train_photos": int(params["train_sources"]), "val_photos": int(params["val_sources"])}
+    assert int(params["train_rows"]) > 0 and int(params["val_sources"]) > 0
     assert tags["ray_version"] and tags["git_commit"]
 
     history = losses(client, result.run_id)
@@ -233,6 +241,7 @@ def test_ctrl_c_marks_the_run_killed_and_the_same_name_resumes_from_s3(workspace
     runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'resume'",
                               output_format="list")
     assert [run.info.status for run in runs] == ["KILLED"]
+    assert runs[0].data.tags["end_reason"].startswith("interrupted")
     start = latest_registered_step()
     assert start % 4 == 0
 
@@ -413,6 +422,7 @@ def test_a_nan_batch_is_skipped_and_counted_and_consecutive_ones_stop_the_run(wo
     runs = mlflow.search_runs(experiment_names=["upsr"], filter_string="tags.ray_run_name = 'nan'",
                               output_format="list")
     assert [run.info.status for run in runs] == ["FAILED"]
+    assert "3 consecutive non-finite steps" in runs[0].data.tags["end_reason"]
     client = MlflowClient()
     run_id = runs[0].info.run_id
     assert [step for step, _ in losses(client, run_id)] == [1, 2, 4, 5]

@@ -17,7 +17,6 @@ checkpoints) and keeps its MLflow run.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import logging
 import math
@@ -135,11 +134,13 @@ def search(data_uri: str, aux_uri: str, config: Config, settings: TuneConfig, na
     experiment_path = f"{storage_path}/{name}"
     resumed = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
 
+    from mlflow.tracking import MlflowClient
+
     # Driver-side MLflow calls use the resolved URI; the config that trials log keeps the user's setting.
     mlflow_settings = replace(config.mlflow, tracking_uri=pipeline.tracking_uri(config.mlflow))
     with pipeline.run_ended_unless_done(
             lambda: open_search_run(mlflow_settings, name, config, settings, data.dataset, resumed),
-            functools.partial(pipeline.finish_run, mlflow_settings)) as parent_run_id:
+            MlflowClient(mlflow_settings.tracking_uri)) as parent_run_id:
         record_search_facts(mlflow_settings, parent_run_id, config, resources, resumed, {
             "objective": settings.describe_objective(), "max_concurrent_trials_resolved": concurrency,
             "data": data.dataset.location.uri, "aux": config.aux.weights, "search_storage": f"{storage_uri}/{name}"})
