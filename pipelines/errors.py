@@ -15,6 +15,12 @@ class UserError(Exception):
     """Bad input the user can fix (a path, a flag, a dataset); printed without a traceback."""
 
 
+def last_line(text: str) -> str:
+    """The last non-blank line of an error's text (a traceback's or a chained error's conclusion)."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else str(text)
+
+
 def caused_by_interrupt(error: BaseException) -> bool:
     """Whether ``error`` is, or was raised while handling, a KeyboardInterrupt.
 

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pipelines import config as config_module
 from pipelines import registry, storage, tracking
 from pipelines.entry import run_job
-from pipelines.errors import UserError, caused_by_interrupt
+from pipelines.errors import UserError, caused_by_interrupt, last_line
 from pipelines.config import Config, EvaluateConfig
 from pipelines.eval_actor import EvaluateImages
 from pipelines.eval_contract import (
@@ -123,7 +123,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
             if caused_by_interrupt(error):
                 raise KeyboardInterrupt(str(error)) from error
             log.exception("the evaluation of %s failed", model.label)
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            reason = last_line(str(error)) or type(error).__name__
             mlflow_client.set_tag(run_id, tracking.EVAL_TAG + "error", reason[:5000])
             mlflow_client.set_terminated(run_id, "FAILED")
             summary = {"complete": False, "error": reason, "model": model_summary(model), "mlflow_run_id": run_id}

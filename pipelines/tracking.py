@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import MlflowConfig, public_dict
-from pipelines.errors import caused_by_interrupt, interrupts_deferred
+from pipelines.errors import caused_by_interrupt, interrupts_deferred, last_line
 from pipelines.storage import redact_uri
 from upsr.config_loader import flatten
 
@@ -165,9 +165,8 @@ def run_ended_unless_done(create: Callable[[], str], client: MlflowClient) -> It
     except BaseException as error:
         if run_id is not None:
             interrupted = caused_by_interrupt(error)
-            text = str(error).strip()
             reason = ("interrupted (Ctrl-C, or SIGTERM from `ray job stop`)" if interrupted
-                      else f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}")
+                      else f"{type(error).__name__}: {last_line(str(error))}")
             client.set_tag(run_id, END_REASON_TAG, reason[:5000])
             client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise

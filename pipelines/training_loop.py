@@ -41,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipelines import config as config_module
 from pipelines import storage
-from pipelines.errors import UserError
+from pipelines.errors import UserError, last_line
 from pipelines.config import Config, TrainConfig
 from pipelines.images import derive_seed
 from pipelines.train_data import (TrainingData, augment, ingest_config, iter_batches, open_training_data,
@@ -439,10 +439,10 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         data = open_training_data(data_uri, config.train_data, config.storage)
     global_batch = settings.batch_size * settings.num_workers
     train_rows = data.train_rows
-    val_pairs = data.validation_pairs(settings.val_batches * settings.batch_size)
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
+    val_pairs = data.validation_pairs(settings.val_batches * settings.batch_size)
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
     mlflow_client = tracking.client(mlflow_settings)
@@ -518,8 +518,5 @@ def worker_errors(error: Exception) -> str:
     failures = getattr(error, "worker_failures", None)
     if not failures:
         return str(error)
-    lines = []
-    for rank, failure in sorted(failures.items()):
-        text = str(failure).strip().splitlines()
-        lines.append(f"rank {rank}: {text[-1] if text else type(failure).__name__}")
-    return "; ".join(lines)
+    return "; ".join(f"rank {rank}: {last_line(str(failure)) or type(failure).__name__}"
+                     for rank, failure in sorted(failures.items()))

@@ -300,7 +300,7 @@ def summarize_trials(results: ray.tune.ResultGrid, config: Config, settings: Tun
         error = None
         if result.error is not None:
             outcome = FAILED
-            error = last_line(str(result.error))
+            error = pipeline.last_line(str(result.error))
         elif step is None:
             outcome = UNFINISHED
         else:
@@ -309,11 +309,6 @@ def summarize_trials(results: ray.tune.ResultGrid, config: Config, settings: Tun
         summaries.append(TrialSummary(trial_id, outcome, point, trial_overrides(settings, point), metrics,
                                       step, int(last.get("training_iteration", 0)), error=error))
     return sorted(summaries, key=lambda summary: summary.trial_id)
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else str(text)
 
 
 def attach_child_runs(settings: MlflowConfig, parent_run_id: str, trials: list[TrialSummary]) -> None:
