@@ -29,6 +29,9 @@ from upsr.config_loader import SECTION, from_dict, load_config, to_dict, yaml_lo
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+SAMPLE_COLLECTIONS = ("scikit-image", "scikit-learn", "matplotlib")
+
+
 @dataclass(config=SECTION)
 class SynthConfig:
     seed: int = 0
@@ -55,8 +58,15 @@ class SynthConfig:
     # zlib level of the PNGs: 0 stores them uncompressed (~3x faster to encode, ~1.8x larger);
     # 1-9 give the same bytes with the run-length strategy the encoder uses (pipelines.images).
     png_compression: int = 1
+    # Without --input, synth exports and reads the photographs these packages ship (no download):
+    # scikit-image (9), scikit-learn (2), matplotlib (1).
+    sample_collections: tuple[str, ...] = ("scikit-image",)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.sample_collections) - set(SAMPLE_COLLECTIONS))
+        if unknown or not self.sample_collections:
+            raise ValueError(f"sample_collections must name some of {list(SAMPLE_COLLECTIONS)}, got "
+                             f"{list(self.sample_collections)}")
         for name in ("crop_size", "crops_per_image", "min_side", "max_pixels", "batch_size",
                      "row_group_rows", "rows_per_file"):
             if getattr(self, name) < 1:
@@ -104,6 +114,29 @@ class TrainDebugConfig:
 
 
 @dataclass(config=SECTION)
+class PlateauConfig:
+    """Stop a run early once a validation metric stops improving (e.g. the aux net's gain over
+    bicubic): after ``patience`` validations in a row none of which beat the best so far by more
+    than ``min_delta``. The run ends with a checkpoint at that step; ``steps`` stays the upper bound."""
+
+    metric: str | None = None  # None: run all the steps
+    mode: Literal["max", "min"] = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best + self.min_delta if self.mode == "max" else value < best - self.min_delta
+
+
+@dataclass(config=SECTION)
 class TrainConfig:
     """Ray Train settings of ``upsr train`` (the diffusion); defaults are the paper's values.
 
@@ -131,7 +164,8 @@ class TrainConfig:
     checkpoint_every: int = 5000
     num_to_keep: int = 3
     validate_every: int = 5000
-    # Validation scores the first val_batches x batch_size held-out crops: the same ones in every run.
+    # Validation scores the first val_batches x batch_size held-out crops, the same ones in every
+    # run (or every held-out photograph whole: train_data.val_photos).
     val_batches: int = 4
     log_every: int = 50
     num_workers: int = 2
@@ -144,6 +178,7 @@ class TrainConfig:
     # Folder or s3:// prefix of Ray Train's run folders (checkpoints); None: runs/ray_results
     # under the folder the job starts in, made absolute so every worker agrees.
     storage_path: str | None = None
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
     debug: TrainDebugConfig = field(default_factory=TrainDebugConfig)
 
     def __post_init__(self) -> None:
@@ -201,8 +236,16 @@ class TrainDataConfig:
     # and buffer shuffles are seeded. Costs some throughput (a slow block holds up the ones
     # behind it), so the paper-scale config leaves it off.
     deterministic: bool = False
+    # Folder or s3:// prefix of the photographs the dataset was synthesised from (synth's --input).
+    # Set: validation scores each held-out photograph whole (its largest centred square up to
+    # val_photo_side pixels, degraded once from a seed fixed per photograph) instead of the
+    # first val_batches x batch_size held-out crops: more pixels, and the images a user upscales.
+    val_photos: str | None = None
+    val_photo_side: int = 512
 
     def __post_init__(self) -> None:
+        if self.val_photo_side < 64:
+            raise ValueError(f"val_photo_side must be >= 64, got {self.val_photo_side}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shuffle_buffer < 0 or self.prefetch_batches < 0:

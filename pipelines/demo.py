@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 import upsr
-from degradations import Degrader, sample
 from pipelines import config as config_module
 from pipelines import storage
 from pipelines import tracking
 from pipelines.entry import run_job
 from pipelines.dataset import open_dataset
-from pipelines.images import decode_png, derive_seed, encode_png
+from pipelines.images import decode_png, degraded_centre_crop, derive_seed, encode_png
 from pipelines.synth import add_config_arguments, export_sample_photos, synthesize
 from pipelines.synth_verify import verify
 from pipelines.train import train
@@ -107,13 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
 def showcase_pair(photo_path: Path, degradation) -> tuple[np.ndarray, np.ndarray]:
     """(LR, HR): the centre crop of a photograph and its degradation, drawn from a fixed seed."""
-    photo = decode_png(photo_path.read_bytes())
-    side = min(SHOWCASE_SIZE, *photo.shape[:2]) // 64 * 64
-    top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
-    hr = np.ascontiguousarray(photo[top:top + side, left:left + side])
-    record = sample(derive_seed("demo", photo_path.name), degradation)
-    lr = Degrader(degradation.primitives, degradation.device).apply(hr[None], [record])[0]
-    return lr, hr
+    return degraded_centre_crop(decode_png(photo_path.read_bytes()), SHOWCASE_SIZE, degradation,
+                                derive_seed("demo", photo_path.name))
 
 
 def side_by_side(pipeline, lr: np.ndarray, hr: np.ndarray, lpips_model):

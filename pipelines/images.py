@@ -115,6 +115,21 @@ def random_crops(image: np.ndarray, count: int, size: int, seed: int) -> list[tu
     return crops
 
 
+def degraded_centre_crop(photo: np.ndarray, side: int, degradation, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LR, HR): the largest centred square of ``photo`` up to ``side`` pixels (a multiple of 64, so
+    that every scale and tiling divides it) and its degradation under ``degradation`` (a
+    ``DegradationConfig``) drawn from ``seed``: one fixed LR for a whole photograph."""
+    from degradations import Degrader, sample  # torch: only the callers that degrade pay for it
+
+    crop = min(side, *photo.shape[:2]) // 64 * 64
+    if crop < 64:
+        raise ValueError(f"a photograph of {photo.shape[1]}x{photo.shape[0]} has no 64x64 centre square")
+    top, left = (photo.shape[0] - crop) // 2, (photo.shape[1] - crop) // 2
+    hr = np.ascontiguousarray(photo[top:top + crop, left:left + crop])
+    lr = Degrader(degradation.primitives, degradation.device).apply(hr[None], [sample(seed, degradation)])[0]
+    return lr, hr
+
+
 def encode_png(image: np.ndarray, compression: int) -> bytes:
     """uint8 RGB -> PNG bytes (deterministic for a given OpenCV build and compression level).
 

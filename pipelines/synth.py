@@ -61,7 +61,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_module.load(args.config, args.set)
-    source = args.input or str(export_sample_photos(Path("runs/sample_photos")))
+    source = args.input or str(export_sample_photos(sample_photos_folder(config.synth.sample_collections),
+                                                    config.synth.sample_collections))
     manifest = synthesize(source, args.output, config, overwrite=args.overwrite)
     counts = manifest["counts"]
     log.info("wrote %d rows from %d of %d files (%d quarantined) to %s", counts["rows"], counts["files_processed"],
@@ -69,24 +70,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_photos() -> dict[str, Any]:
-    """scikit-image's bundled colour photographs (shipped in its wheel: no download)."""
-    import skimage.data
+def sample_photos(collections: tuple[str, ...] = ("scikit-image",)) -> dict[str, Any]:
+    """Photographs that installed packages ship in their wheels (no download), by file stem:
+    scikit-image's nine colour photographs, scikit-learn's two and matplotlib's one."""
+    photos: dict[str, Any] = {}
+    if "scikit-image" in collections:
+        import skimage.data
 
-    return {
-        "astronaut": skimage.data.astronaut, "chelsea": skimage.data.chelsea, "coffee": skimage.data.coffee,
-        "hubble_deep_field": skimage.data.hubble_deep_field,
-        "immunohistochemistry": skimage.data.immunohistochemistry,
-        "motorcycle_left": lambda: skimage.data.stereo_motorcycle()[0],
-        "motorcycle_right": lambda: skimage.data.stereo_motorcycle()[1],
-        "retina": skimage.data.retina, "rocket": skimage.data.rocket,
-    }
+        photos |= {
+            "astronaut": skimage.data.astronaut, "chelsea": skimage.data.chelsea, "coffee": skimage.data.coffee,
+            "hubble_deep_field": skimage.data.hubble_deep_field,
+            "immunohistochemistry": skimage.data.immunohistochemistry,
+            "motorcycle_left": lambda: skimage.data.stereo_motorcycle()[0],
+            "motorcycle_right": lambda: skimage.data.stereo_motorcycle()[1],
+            "retina": skimage.data.retina, "rocket": skimage.data.rocket,
+        }
+    if "scikit-learn" in collections:
+        import sklearn.datasets
+
+        def sklearn_photo(name: str):
+            return lambda: sklearn.datasets.load_sample_image(name)
+
+        photos |= {"sklearn_china": sklearn_photo("china.jpg"), "sklearn_flower": sklearn_photo("flower.jpg")}
+    if "matplotlib" in collections:
+        def grace_hopper():
+            import matplotlib.cbook
+            import matplotlib.image
+
+            with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as file:
+                return matplotlib.image.imread(file, format="jpg")
+
+        photos |= {"matplotlib_grace_hopper": grace_hopper}
+    return photos
 
 
-def export_sample_photos(folder: Path) -> Path:
+def sample_photos_folder(collections: tuple[str, ...]) -> Path:
+    """Where ``upsr synth`` exports the sample photographs when no --input is given: one folder per
+    choice of collections, so that a folder never mixes two choices."""
+    if tuple(collections) == ("scikit-image",):
+        return Path("runs/sample_photos")
+    return Path("runs/sample_photos_" + "_".join(collections))
+
+
+def export_sample_photos(folder: Path, collections: tuple[str, ...] = ("scikit-image",)) -> Path:
     """Write the sample photographs as PNG files (once) and return the folder."""
     location = storage.resolve(str(folder))
-    for name, load in sample_photos().items():
+    for name, load in sample_photos(collections).items():
         if not storage.exists(location, f"{name}.png"):
             storage.write_bytes(location, f"{name}.png", encode_png(load(), 3))
     return folder

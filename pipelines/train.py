@@ -205,7 +205,7 @@ class DiffusionTask:
     @torch.no_grad()
     def validate(self, ema_model: nn.Module, batches: Iterator, step: int, logger) -> dict[str, float]:
         """The EMA model sampled as it is deployed (``UPSRPipeline``, the configured sampler), batch
-        ``i`` of the first ``val_batches`` with seed ``inference.seed + i``: PSNR, SSIM, LPIPS, and
+        ``i`` of the validation batches with seed ``inference.seed + i``: PSNR, SSIM, LPIPS, and
         the diagnostics of ``upsr.diagnostics`` (aux gain, w statistics, PSNR by uncertainty,
         x0 error per step)."""
         from upsr import diagnostics
@@ -215,7 +215,7 @@ class DiffusionTask:
         pipeline = UPSRPipeline(ema_model, self.aux, self.diffusion, self.config.weight, self.config.inference)
         per_image: dict[str, list[torch.Tensor]] = {}
         per_batch: dict[str, list[float]] = {}
-        for index, (lr, hr) in zip(range(self.config.train.val_batches), batches):
+        for index, (lr, hr) in enumerate(batches):
             seed = self.config.inference.seed + index
             sr = pipeline.upscale(lr, seed=seed)
             condition = self.objective.condition(lr)

@@ -87,16 +87,19 @@ class AuxTask:
     @torch.no_grad()
     def validate(self, ema_model: nn.Module, batches: Iterator, step: int, logger) -> dict[str, float]:
         from upsr.aux_net import bicubic_upsample
-        from upsr.metrics import full_reference_metrics
+        from upsr.metrics import full_reference_metrics, psnr
 
         ema_model.eval()
         scores: dict[str, list[torch.Tensor]] = {}
-        for index, (lr, hr) in zip(range(self.config.aux_train.val_batches), batches):
+        for index, (lr, hr) in enumerate(batches):
             sr = ema_model(lr)
-            for key, values in full_reference_metrics(sr, hr, self.config.metrics, self.loss.lpips).items():
-                scores.setdefault(key, []).append(values.float().cpu())
+            bicubic = bicubic_upsample(lr, hr.shape[-1] // lr.shape[-1]).clamp(0, 1)
+            values = full_reference_metrics(sr, hr, self.config.metrics, self.loss.lpips)
+            # What UPSR's condition and weighting depend on: how much g beats plain interpolation.
+            values["psnr_gain_over_bicubic"] = values["psnr"] - psnr(bicubic, hr, self.config.metrics)
+            for key, value in values.items():
+                scores.setdefault(key, []).append(value.float().cpu())
             if index == 0:
-                bicubic = bicubic_upsample(lr, hr.shape[-1] // lr.shape[-1]).clamp(0, 1)
                 logger.image(image_grid([bicubic, sr, hr]), f"samples/aux_grid_step_{step:08d}.png")
         ema_model.train()
         return {f"val_{key}": float(torch.cat(values).mean()) for key, values in scores.items()}

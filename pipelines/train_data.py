@@ -4,8 +4,9 @@ The validation split holds every crop of a deterministic fraction of the source 
 so no crop of a validation photograph is ever trained on. The train split streams through Ray
 Data: shards read with ``ray.data.read_parquet`` (exactly those the manifest lists), PNGs
 decoded in ``map_batches``; workers receive uint8 NHWC batches and turn them into float NCHW
-tensors in [0, 1] on their device, with a random flip and 90-degree rotation per pair. The few
-validation crops a run scores are read once by the driver, in the dataset's own order.
+tensors in [0, 1] on their device, with a random flip and 90-degree rotation per pair. What a run
+validates on is read once by the driver: a few held-out crops in the dataset's own order, or the
+held-out photographs whole (``train_data.val_photos``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import ray
 if TYPE_CHECKING:
     import torch
 
-from pipelines.errors import UserError
+from pipelines import storage
 from pipelines.config import StorageConfig, TrainDataConfig
 from pipelines.dataset import IncompleteDataset, SynthDataset, open_dataset
-from pipelines.images import decode_png, derive_seed
+from pipelines.errors import UserError
+from pipelines.images import decode_png, decode_rgb, degraded_centre_crop, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +42,54 @@ class TrainingData:
     val_sources: list[str]
     train_rows: int
     crop_sizes: dict[str, int]  # decode_pairs' hr_size and lr_size
+    settings: TrainDataConfig
+    # train_data.val_photos, located when the data is opened: a relative path means the driver's
+    # folder, not the one a Tune trial runs in.
+    val_photos: storage.Location | None
 
     @property
     def datasets(self) -> dict[str, ray.data.Dataset]:
         return {"train": self.train}
 
-    def validation_pairs(self, rows: int) -> dict[str, np.ndarray] | None:
-        """The first ``rows`` crops of the held-out photographs in the dataset's own order (shard by
-        shard, as synth wrote them), decoded: the same images in every run, trial and resume of any
-        config, so that validation scores compare. None when nothing is held out.
+    def validation_pairs(self, batches: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+        """What validation scores, as uint8 batches ``{"lr", "hr"}`` (NHWC): with
+        ``train_data.val_photos``, every held-out photograph whole, one per batch; otherwise the
+        first ``batches x batch_size`` crops of the held-out photographs in the dataset's own order
+        (shard by shard, as synth wrote them). The same images in every run, trial and resume of any
+        config, so that validation scores compare; none when nothing is held out.
 
-        Read here with pyarrow: a streaming pipeline would cost more to start than these few
-        crops cost to read.
+        Read here, once, by the driver: a streaming pipeline would cost more to start than these
+        few images cost to read.
         """
-        if not self.val_sources or rows < 1:
-            return None
+        if not self.val_sources or batches < 1:
+            return []
+        if self.val_photos:
+            return [dict(zip(("lr", "hr"), (image[None] for image in self.held_out_photo(name))))
+                    for name in self.val_sources]
         table = pads.dataset(self.dataset.shard_paths, filesystem=self.dataset.location.fs, format="parquet").head(
-            rows, columns=["source", "hr_png", "lr_png"], filter=pads.field("source").isin(self.val_sources))
-        return decode_pairs(table.to_pydict(), keep=set(self.val_sources), **self.crop_sizes)
+            batches * batch_size, columns=["source", "hr_png", "lr_png"],
+            filter=pads.field("source").isin(self.val_sources))
+        pairs = decode_pairs(table.to_pydict(), keep=set(self.val_sources), **self.crop_sizes)
+        return [{name: images[start:start + batch_size] for name, images in pairs.items()}
+                for start in range(0, len(pairs["hr"]), batch_size)]
+
+    def held_out_photo(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(LR, HR) of the source photograph ``name`` under ``train_data.val_photos``, degraded with
+        the dataset's own degradation settings."""
+        from degradations import DegradationConfig
+        from upsr.config_loader import from_dict
+
+        location = self.val_photos
+        try:
+            data = storage.read_bytes(location, location.join(name))
+        except FileNotFoundError:
+            raise UserError(f"train_data.val_photos: {location.child_uri(name)} does not exist; val_photos must "
+                            f"be the folder the dataset {self.dataset.location.uri} was synthesised from") from None
+        synth = self.dataset.manifest["config"]["synth"]
+        degradation = from_dict(DegradationConfig, self.dataset.manifest["config"]["degradation"])
+        photo = decode_rgb(data, synth["max_pixels"], synth["min_side"])
+        return degraded_centre_crop(photo, self.settings.val_photo_side, degradation,
+                                    derive_seed(synth["seed"], "validation-photo", name))
 
 
 def split_sources(sources: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -72,9 +104,9 @@ def split_sources(sources: list[str], val_fraction: float, seed: int) -> tuple[l
     return sorted(set(unique) - set(val)), val
 
 
-def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConfig) -> TrainingData:
+def open_training_data(uri: str, settings: TrainDataConfig, storage_settings: StorageConfig) -> TrainingData:
     try:
-        dataset = open_dataset(uri, storage.s3_endpoint, storage.s3_region)
+        dataset = open_dataset(uri, storage_settings.s3_endpoint, storage_settings.s3_region)
     except IncompleteDataset as error:
         raise UserError(str(error)) from None
     fs = dataset.location.fs
@@ -100,7 +132,8 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage: StorageConf
         train = train.materialize()
     block_order_seed = derive_seed(settings.split_seed, "block-order") if settings.deterministic else None
     return TrainingData(dataset, train.randomize_block_order(seed=block_order_seed), train_sources, val_sources,
-                        train_rows, crop_sizes)
+                        train_rows, crop_sizes, settings,
+                        storage.locate(settings.val_photos, storage_settings) if settings.val_photos else None)
 
 
 def decode_pairs(batch: dict[str, np.ndarray], keep: set[str], hr_size: int, lr_size: int) -> dict[str, np.ndarray]:
@@ -122,13 +155,13 @@ def to_images(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
     return convert(batch["lr"]), convert(batch["hr"])
 
 
-def validation_batches(pairs: dict[str, np.ndarray], batch_size: int,
+def validation_batches(pairs: list[dict[str, np.ndarray]],
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``validation_pairs`` as ``(lr, hr)`` float batches on ``device`` (the last one may be short)."""
+    """``TrainingData.validation_pairs`` as ``(lr, hr)`` float batches on ``device``."""
     import torch
 
-    return [to_images({name: torch.from_numpy(images[start:start + batch_size]) for name, images in pairs.items()},
-                      device) for start in range(0, len(pairs["hr"]), batch_size)]
+    return [to_images({name: torch.from_numpy(images) for name, images in batch.items()}, device)
+            for batch in pairs]
 
 
 def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

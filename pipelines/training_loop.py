@@ -42,7 +42,7 @@ from torch.optim.swa_utils import AveragedModel
 from pipelines import config as config_module
 from pipelines import storage
 from pipelines.errors import UserError, last_line
-from pipelines.config import Config, TrainConfig
+from pipelines.config import Config, PlateauConfig, TrainConfig
 from pipelines.images import derive_seed
 from pipelines.train_data import (TrainingData, augment, ingest_config, iter_batches, open_training_data,
                                   validation_batches)
@@ -99,6 +99,9 @@ class LoopState:
     step: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    # train.plateau: the best value of its metric so far and the validations since it improved.
+    plateau_best: float | None = None
+    validations_without_gain: int = 0
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -139,7 +142,8 @@ def save_training_state(folder: Path, model: nn.Module, ema: AveragedModel, opti
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(folder / EMA_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": state.step, "nonfinite_steps": state.nonfinite_steps,
-                "consecutive_nonfinite": state.consecutive_nonfinite}, folder / STATE_FILE)
+                "consecutive_nonfinite": state.consecutive_nonfinite, "plateau_best": state.plateau_best,
+                "validations_without_gain": state.validations_without_gain}, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(config_yaml)
 
 
@@ -170,7 +174,8 @@ def restore_training_state(folder: Path, model: nn.Module, ema: AveragedModel, o
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    return LoopState(saved["step"], saved["nonfinite_steps"], saved["consecutive_nonfinite"])
+    return LoopState(saved["step"], saved["nonfinite_steps"], saved["consecutive_nonfinite"],
+                     saved.get("plateau_best"), saved.get("validations_without_gain", 0))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -296,20 +301,41 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                step)
                 # The console's progress (`ray job logs -f` shows it): MLflow has the full record.
                 log.info("%s", progress_line(job.name, step, settings.steps, averages, global_batch))
-            if rank == 0 and (step % settings.validate_every == 0 or step == settings.steps):
-                if loop_config["val_pairs"] is not None:
-                    if val_batches is None:
-                        val_batches = validation_batches(ray.get(loop_config["val_pairs"]), settings.batch_size,
-                                                         device)
-                    latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
-                    logger.metrics(latest_validation, step)
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
+            validating = step % settings.validate_every == 0 or step == settings.steps
+            if rank == 0 and validating and loop_config["val_pairs"] is not None:
+                if val_batches is None:
+                    val_batches = validation_batches(ray.get(loop_config["val_pairs"]), device)
+                latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
+                logger.metrics(latest_validation, step)
+            plateaued = validating and settings.plateau.metric is not None and bool(all_reduce_sum(torch.tensor(
+                [float(rank == 0 and plateau_reached(settings.plateau, state, latest_validation))], device=device)))
+            if plateaued and logger:
+                logger.metrics({"stopped_on_plateau_at_step": step}, step)
+                log.info("%s: %s has not improved for %d validations (best %.4f): stopping at step %d of %d",
+                         job.name, settings.plateau.metric, state.validations_without_gain, state.plateau_best,
+                         step, settings.steps)
+            if step % settings.checkpoint_every == 0 or step == settings.steps or plateaued:
                 report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config_yaml"],
                        latest_validation)
                 if settings.debug.pid_dir:
                     Path(settings.debug.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+            if plateaued:
+                return
         if epoch_steps == 0:
             raise RuntimeError(f"the train split yields no batch of {settings.batch_size} rows per worker")
+
+
+def plateau_reached(plateau: PlateauConfig, state: LoopState, validation: dict[str, float]) -> bool:
+    """Rank 0, after a validation: count it against ``train.plateau`` and say whether to stop."""
+    if plateau.metric not in validation:
+        raise UserError(f"plateau.metric: {plateau.metric!r} is not a validation metric of this job "
+                        f"(it logs {', '.join(sorted(validation))})")
+    value = validation[plateau.metric]
+    if plateau.improved(value, state.plateau_best):
+        state.plateau_best, state.validations_without_gain = value, 0
+    else:
+        state.validations_without_gain += 1
+    return state.validations_without_gain >= plateau.patience
 
 
 def report(rank: int, step: int, state: LoopState, model: nn.Module, ema: AveragedModel, optimizer, scheduler,
@@ -442,7 +468,10 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
                         f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
-    val_pairs = data.validation_pairs(settings.val_batches * settings.batch_size)
+    val_pairs = data.validation_pairs(settings.val_batches, settings.batch_size)
+    if settings.plateau.metric and not val_pairs:
+        raise UserError(f"{job.section}.plateau.metric is set but {data_uri} holds out nothing to validate on "
+                        "(train_data.val_fraction)")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
     config_yaml = config_module.to_yaml(config)
     mlflow_client = tracking.client(mlflow_settings)
@@ -465,7 +494,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
             train_worker,
             train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,
                                "tracking_uri": ray.put(tracking_uri), "mlflow_run_id": run_id,
-                               "val_pairs": ray.put(val_pairs) if val_pairs is not None else None,
+                               "val_pairs": ray.put(val_pairs) if val_pairs else None,
                                "rank0_setup": rank0_setup,
                                "task_options": {key: ray.put(value) for key, value in (task_options or {}).items()}},
             scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,

@@ -63,7 +63,13 @@ def workspace(tmp_path_factory, ray_local):
 def aux_run(workspace):
     from pipelines.train_aux import train_aux
 
-    return train_aux(workspace["data"], workspace["config"]("aux_train.steps=30", "aux_train.lr=0.003"), "aux")
+    # Validated on the held-out photographs whole, and stopped by aux_train.plateau: no gain can
+    # exceed a 100 dB min_delta, so the validations at 20 and 30 make two without gain and the run
+    # stops at step 30 of 50. Both paths run in a real job here.
+    return train_aux(workspace["data"], workspace["config"](
+        "aux_train.steps=50", "aux_train.lr=0.003", "aux_train.validate_every=10",
+        "aux_train.plateau={metric: val_psnr_gain_over_bicubic, patience: 2, min_delta: 100}",
+        f"train_data.val_photos={workspace['root'] / 'photos'}", "train_data.val_photo_side=128"), "aux")
 
 
 def mean(values):
@@ -104,6 +110,10 @@ def test_train_aux_end_to_end(workspace, aux_run):
     assert after < before, (before, after)
     artifacts = {a.path for a in client.list_artifacts(aux_run.run_id, "aux")}
     assert artifacts == {"aux/aux.safetensors", "aux/aux_config.json"}
+    # Validation scored the held-out photographs and measured g against bicubic on them.
+    gains = [m.value for m in client.get_metric_history(aux_run.run_id, "val_psnr_gain_over_bicubic")]
+    assert len(gains) == 3 and all(np.isfinite(gains))
+    assert run.data.metrics["stopped_on_plateau_at_step"] == 30
 
 
 TINY_ATD = ("aux.arch=ATD", "aux.options={upscale: 4, embed_dim: 16, depths: [2], num_heads: [2], window_size: 8, "
@@ -545,16 +555,40 @@ def test_validation_crops_are_the_same_held_out_crops_in_every_run(workspace):
     held_out = [decode_png(r["hr_png"]).tobytes() for r in rows if r["source"] in data.val_sources]
     assert data.val_sources and 2 < len(held_out) < len(rows)
 
-    first = data.validation_pairs(3)
-    assert [hr.tobytes() for hr in first["hr"]] == held_out[:3]  # in the dataset's order
-    assert first["lr"].shape == (3, 32, 32, 3) and first["hr"].shape == (3, 128, 128, 3)
+    first = data.validation_pairs(2, 2)
+    assert [hr.tobytes() for batch in first for hr in batch["hr"]] == held_out[:4]  # in the dataset's order
+    assert first[0]["lr"].shape == (2, 32, 32, 3) and first[0]["hr"].shape == (2, 128, 128, 3)
     again = open_training_data(workspace["data"], workspace["config"]().train_data, workspace["config"]().storage)
-    assert all(np.array_equal(first[k], again.validation_pairs(3)[k]) for k in ("lr", "hr"))
-    assert len(data.validation_pairs(10_000)["hr"]) == len(held_out)
-    assert data.validation_pairs(0) is None
-    batches = validation_batches(data.validation_pairs(len(held_out)), 2, torch.device("cpu"))
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again.validation_pairs(2, 2)) for k in ("lr", "hr"))
+    assert sum(len(batch["hr"]) for batch in data.validation_pairs(10_000, 2)) == len(held_out)
+    assert data.validation_pairs(0, 2) == []
+    batches = validation_batches(data.validation_pairs(len(held_out), 2), torch.device("cpu"))
     assert [len(hr) for _, hr in batches] == [2] * (len(held_out) // 2) + [1] * (len(held_out) % 2)
     assert batches[0][1].dtype == torch.float32 and float(batches[0][1].max()) <= 1
+
+
+@pytest.mark.slow
+def test_validation_on_whole_photographs_degrades_each_held_out_photo_once(workspace):
+    photos = workspace["root"] / "photos"
+    settings = workspace["config"](f"train_data.val_photos={photos}").train_data
+    data = open_training_data(workspace["data"], settings, workspace["config"]().storage)
+    batches = data.validation_pairs(1, 4)  # whole photographs: every held-out one, whatever val_batches says
+    assert len(batches) == len(data.val_sources) >= 1
+    for batch in batches:
+        # write_photos' 240x200 photographs: the largest centred square, a multiple of 64.
+        assert batch["hr"].shape == (1, 192, 192, 3) and batch["lr"].shape == (1, 48, 48, 3)
+    name = data.val_sources[0]
+    photo = decode_png((photos / name).read_bytes())
+    assert np.array_equal(batches[0]["hr"][0], photo[4:196, 24:216])
+    again = open_training_data(workspace["data"], settings, workspace["config"]().storage).validation_pairs(1, 4)
+    assert all(np.array_equal(a["lr"], b["lr"]) for a, b in zip(batches, again))
+    smaller = workspace["config"](f"train_data.val_photos={photos}", "train_data.val_photo_side=128").train_data
+    assert open_training_data(workspace["data"], smaller, workspace["config"]().storage).validation_pairs(
+        1, 4)[0]["hr"].shape == (1, 128, 128, 3)
+
+    elsewhere = workspace["config"](f"train_data.val_photos={workspace['root'] / 'no-photos'}").train_data
+    with pytest.raises(UserError, match=r"train_data.val_photos: .*no-photos/photo\d.png does not exist"):
+        open_training_data(workspace["data"], elsewhere, workspace["config"]().storage).validation_pairs(1, 4)
 
 
 def test_the_run_page_is_a_server_link_or_the_mlflow_ui_command(tmp_path):
@@ -566,3 +600,19 @@ def test_the_run_page_is_a_server_link_or_the_mlflow_ui_command(tmp_path):
     run_id = MlflowClient().create_run(experiment_id).info.run_id
     assert run_page(settings, run_id) == (f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`, "
                                           f"then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def test_a_plateau_is_so_many_validations_without_a_gain_above_min_delta():
+    from pipelines.config import PlateauConfig
+    from pipelines.training_loop import LoopState, plateau_reached
+
+    plateau = PlateauConfig(metric="val_gain", patience=2, min_delta=0.1)
+    state = LoopState()
+    decisions = [plateau_reached(plateau, state, {"val_gain": value}) for value in (1.0, 1.05, 1.2, 1.25, 1.28)]
+    # 1.05 is within min_delta of 1.0; 1.2 beats it; 1.25 and 1.28 are within 0.1 of 1.2.
+    assert decisions == [False, False, False, False, True] and state.plateau_best == 1.2
+    lower = PlateauConfig(metric="val_lpips", mode="min", patience=1)
+    assert not plateau_reached(lower, LoopState(), {"val_lpips": 0.3})
+    assert plateau_reached(lower, LoopState(plateau_best=0.2), {"val_lpips": 0.3})
+    with pytest.raises(UserError, match="plateau.metric: 'val_gain' is not a validation metric .*val_psnr"):
+        plateau_reached(plateau, LoopState(), {"val_psnr": 20.0})
