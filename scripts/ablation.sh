@@ -13,9 +13,14 @@ stamp=$(date -u +%Y%m%d-%H%M%S)
 bash scripts/setup.sh
 upsr=.venv/bin/upsr
 data=runs/$name/data
-"$upsr" synth --config "$config" --output "$data" --overwrite "$@"
+# synth and train-aux read the search config's job sections (all but `tune`), resolved once.
+jobs=runs/$name/jobs.yaml
+mkdir -p "runs/$name"
+.venv/bin/python -c 'import sys; from cli.config import load; from pipelines.config import to_yaml
+print(to_yaml(load(sys.argv[1]).jobs()), end="")' "$config" > "$jobs"
+"$upsr" synth --config "$jobs" --output "$data" --overwrite "$@"
 aux_name=$name-aux-$stamp
-"$upsr" train-aux --config "$config" --data "$data" --name "$aux_name" "$@"
+"$upsr" train-aux --config "$jobs" --data "$data" --name "$aux_name" "$@"
 # The run's last checkpoint: where it stopped (plateau) or its last step.
 aux=$(ls -d runs/ray_results/"$aux_name"/checkpoint_* | sort | tail -n 1)
 "$upsr" tune --config "$config" --data "$data" --aux "$aux" --name "$name-$stamp" --report docs/"$name".md "$@"

@@ -66,10 +66,17 @@ class VariantSet:
 
     search: Literal["grid", "choice"] = "grid"
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The ranking a claim predicts, best first (e.g. the paper's ablation): the report says in its
+    # first lines whether the measured ranking matches it. Empty: no claim to check.
+    expected_order: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.options:
             raise ValueError("options needs at least one named variant")
+        unknown = [name for name in self.expected_order if name not in self.options]
+        if unknown or len(set(self.expected_order)) != len(self.expected_order):
+            raise ValueError(f"expected_order must list distinct variants of {list(self.options)}, got "
+                             f"{self.expected_order}")
 
 
 @dataclass(config=SECTION)
