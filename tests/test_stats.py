@@ -1,9 +1,10 @@
-"""upsr.stats.paired_bootstrap: exact cases, the sign convention, and its coverage."""
+"""upsr.stats: the paired bootstrap (exact cases, the sign convention, its coverage) and the paired t-interval."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from upsr.stats import paired_bootstrap
 
@@ -72,3 +73,22 @@ def test_coverage_of_the_true_mean_is_close_to_the_confidence():
 def test_rejects_what_it_cannot_compare(candidate, reference, message):
     with pytest.raises(ValueError, match=message):
         paired_bootstrap(np.array(candidate), np.array(reference))
+
+
+def test_t_interval_of_three_seeds_is_the_textbook_one():
+    from upsr.stats import paired_t_interval
+
+    candidate, reference = np.array([21.0, 21.5, 22.3]), np.array([20.8, 21.0, 21.6])
+    differences = candidate - reference  # 0.2, 0.5, 0.7: mean 0.4667, sd 0.2517
+    half = scipy.stats.t.ppf(0.975, 2) * differences.std(ddof=1) / np.sqrt(3)  # t(0.975, 2) = 4.303
+    result = paired_t_interval(candidate, reference)
+    assert result.mean_difference == pytest.approx(0.466667, abs=1e-6) and result.samples == 0
+    mean = differences.mean()
+    assert (result.ci_low, result.ci_high) == pytest.approx((mean - half, mean + half), abs=1e-9)
+    assert half == pytest.approx(0.6252, abs=1e-4) and not result.excludes_zero
+    flipped = paired_t_interval(reference, candidate, higher_is_better=False)
+    assert (flipped.ci_low, flipped.ci_high) == pytest.approx((result.ci_low, result.ci_high))
+    same = paired_t_interval(candidate + 1, candidate)
+    assert same.ci_low == same.ci_high == 1.0 and same.excludes_zero
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired_t_interval(candidate[:1], reference[:1])

@@ -13,10 +13,12 @@ import io
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pytest
+import scipy.stats
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -315,8 +317,17 @@ def test_asha_search_stops_a_worse_trial_early_and_writes_the_best_config(worksp
         (t.trial_id, t.point["variants"]["lr"], t.outcome) for t in outcome.trials)
     assert all(float(r["objective"]) == float(r["val_ssim"]) for r in rows)
 
-    report = write_report(config.mlflow, outcome.parent_run_id, tmp_path / "report.md")
+    notes = tmp_path / "notes.md"
+    notes.write_text("The tiny learning rate cannot move the weights.\n")
+    report = write_report(config.mlflow, outcome.parent_run_id, tmp_path / "report.md", expected_order=["good", "tiny"],
+                          notes=notes)
     text = report.read_text()
+    assert "**Outcome: the expected ranking (good > tiny) could not be checked: no completed trial in tiny.**" in text
+    assert "## Differences, paired by `train.seed`" in text and "| good − tiny | 0 | — | — | — |" in text
+    assert "## Diagnostics" in text and "x0 MSE at t = 0, 1, 2, 3, 4" in text
+    assert "## Interpretation (written by hand: notes.md, not generated)\n\nThe tiny learning rate" in text
+    # The aux weights were written by the test, not by a train-aux run: the report says so.
+    assert "do not come from a train-aux run of this MLflow experiment" in text
     psnr = [t.metrics["val_psnr"] for t in completed]
     cell = f"{psnr[0]:.2f} (n = 1)" if len(psnr) == 1 else f"{np.mean(psnr):.2f} ± {np.std(psnr, ddof=1):.2f}"
     assert f"| good | `train.lr=0.002` | {len(completed)} |" in text and cell in text
@@ -379,3 +390,49 @@ def test_a_failing_trial_is_reported_the_search_goes_on_and_resumes(workspace, c
     assert client.get_run(parent_id).info.status == "FINISHED"
     rows = {r["variant.arm"]: r for r in summary_rows(parent_id)}
     assert {arm: row["outcome"] for arm, row in rows.items()} == {"baseline": COMPLETED, "diverges": FAILED}
+
+
+def fake_trial(seed: int, **metrics: float):
+    """What the report reads of a trial's MLflow run: its params and last metrics."""
+    return SimpleNamespace(data=SimpleNamespace(params={"train.seed": str(seed)}, metrics=metrics))
+
+
+def test_the_report_states_the_outcome_paired_differences_and_diagnostics_from_the_runs():
+    from tune.report import Group, comparison_lines, diagnostics_lines, outcome_lines
+
+    # PSNR per seed 0, 1, 2: both beats condition by exactly 0.3 dB on every seed (interval is a
+    # point); condition vs unw differs by +0.5, -0.1, +0.2 (mean 0.2, interval straddles zero);
+    # unw is below baseline on every seed, so the paper's order fails at its last step.
+    psnr = {"both": [22.3, 22.8, 22.5], "condition": [22.0, 22.5, 22.2], "unw": [21.5, 22.6, 22.0],
+            "baseline": [21.8, 22.9, 22.3]}
+    groups = [Group(name, {}, [fake_trial(seed, val_psnr=value, val_ssim=0.5, val_lpips=0.1, val_w_mean=0.55,
+                                          val_w_at_floor=0.6, val_x0_mse_t0=0.01, val_x0_mse_t1=0.03)
+                               for seed, value in enumerate(values)], None)
+              for name, values in psnr.items()]
+    expected = ["both", "condition", "unw", "baseline"]
+
+    outcome = outcome_lines(groups, expected, ["train.seed"])[0]
+    assert outcome.startswith("**Outcome: the expected ranking (both > condition > unw > baseline, by PSNR) "
+                              "did not reproduce.**")
+    assert "Measured (PSNR, mean over each group's trials, dB): both 22.53 > baseline 22.33 > condition 22.23 > " \
+           "unw 22.03" in outcome
+    assert "both > condition holds (95 % interval above zero): +0.30 [+0.30, +0.30]" in outcome
+    half = scipy.stats.t.ppf(0.975, 2) * np.std([0.5, -0.1, 0.2], ddof=1) / np.sqrt(3)
+    assert f"condition > unw holds in the mean, within the noise: +0.20 [{0.2 - half:+.2f}, {0.2 + half:+.2f}]" \
+        in outcome
+    assert "unw > baseline is reversed (95 % interval below zero): -0.30 [-0.30, -0.30]" in outcome
+
+    table = "\n".join(comparison_lines(groups, expected, ["train.seed"]))
+    # The expected ranking's steps, then every group against the reference (baseline) once.
+    rows = [line.split(" | ")[0] for line in table.splitlines()[5:] if line.startswith("| ")]
+    assert rows == ["| both − condition", "| condition − unw", "| unw − baseline", "| both − baseline",
+                    "| condition − baseline"]
+    assert "| both − condition | 3 | **0.30 [0.30, 0.30]** | 0.0000 [0.0000, 0.0000] |" in table
+
+    diagnostics = "\n".join(diagnostics_lines(groups))
+    assert "x0 MSE at t = 0, 1" in diagnostics and "| unw | — | 0.550 | 60.0% | — | — | — | 0.0100 / 0.0300 |" \
+        in diagnostics
+
+    groups[3].runs.clear()
+    assert "could not be checked: no completed trial in baseline" in outcome_lines(groups, expected, ["train.seed"])[0]
+    assert outcome_lines(groups, [], ["train.seed"])[0].startswith("**Outcome.** Measured ranking")

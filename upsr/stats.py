@@ -21,7 +21,8 @@ _BATCH = 1 << 22
 @dataclass(frozen=True)
 class PairedComparison:
     """Mean of ``candidate - reference`` (signed so that positive means the candidate is better)
-    and its percentile bootstrap confidence interval."""
+    and its confidence interval: a percentile bootstrap (``samples`` resamples) or Student-t
+    (``samples`` 0)."""
 
     mean_difference: float
     ci_low: float
@@ -69,3 +70,30 @@ def paired_bootstrap(
         low = high = differences[0]
     return PairedComparison(mean_difference=float(differences.mean()), ci_low=float(low), ci_high=float(high),
                             confidence=confidence, count=differences.size, samples=samples)
+
+
+def paired_t_interval(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    higher_is_better: bool = True,
+    confidence: float = 0.95,
+) -> PairedComparison:
+    """Student-t confidence interval of the mean paired difference (``scipy.stats.ttest_rel``), for
+    the few pairs a bootstrap cannot resample meaningfully (e.g. three seeds per arm); assumes the
+    differences are roughly normal. ``samples`` is 0: the interval is analytic."""
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if candidate.shape != reference.shape or candidate.ndim != 1:
+        raise ValueError(f"expected two 1-D arrays of one length, got shapes {candidate.shape} and {reference.shape}")
+    if candidate.size < 2:
+        raise ValueError(f"a t-interval needs at least 2 pairs, got {candidate.size}")
+    if not (np.isfinite(candidate).all() and np.isfinite(reference).all()):
+        raise ValueError("scores must be finite")
+    better, worse = (candidate, reference) if higher_is_better else (reference, candidate)
+    differences = better - worse
+    if np.ptp(differences) == 0:  # no spread: the interval is the difference itself (scipy gives NaN)
+        low = high = float(differences[0])
+    else:
+        low, high = scipy.stats.ttest_rel(better, worse).confidence_interval(confidence)
+    return PairedComparison(mean_difference=float(differences.mean()), ci_low=float(low), ci_high=float(high),
+                            confidence=confidence, count=differences.size, samples=0)
