@@ -100,6 +100,10 @@ class RayConfig:
     # (`ray job logs`, CI, a pipe) every redraw from every worker is a new line (12,500 of the
     # demo's 12,850 lines were theirs).
     data_progress_bars: bool = False
+    # Connected to an existing cluster (address or RAY_ADDRESS), a job refuses local storage and a
+    # local MLflow file: other nodes cannot see them, and a submitted job's working folder is
+    # deleted when it ends. True (--allow-local) when every node mounts the paths.
+    allow_local: bool = False
 
 
 @dataclass(config=SECTION)
@@ -172,6 +176,9 @@ class TrainConfig:
     use_gpu: bool = True
     # 1 CPU per worker; below 1 leaves CPUs on small machines to Ray Data's decoding tasks.
     cpus_per_worker: float = 1.0
+    # With use_gpu: below 1, several workers share a GPU (e.g. 0.25: four small Tune trials at once
+    # on one GPU, as configs/ablation_gpu.yaml does).
+    gpus_per_worker: float = 1.0
     max_failures: int = 2
     max_consecutive_nonfinite: int = 10
     seed: int = 0
@@ -199,6 +206,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 

@@ -65,7 +65,7 @@ from pipelines.eval_contract import (
     table_content_hash,
 )
 from pipelines.eval_set import EvalSet, open_eval_set
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, require_shared
 from pipelines.synth import add_config_arguments
 from upsr.config_loader import to_dict
 
@@ -109,6 +109,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
         log.warning("LPIPS: %s", lpips.description)
     settings = settings_hash(config, lpips)
     init_ray(config.ray)
+    require_shared(config.ray, {"mlflow.tracking_uri": tracking.tracking_uri(config.mlflow)})
     gpus = actor_gpus(config.evaluate)
     mlflow_client = tracking.client(config.mlflow)
     with tracking.run_ended_unless_done(lambda: create_run(mlflow_client, config, model, eval_set, lpips, settings),

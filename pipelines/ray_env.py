@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlparse
 
 import ray
 import ray.data
 
 from pipelines.config import RayConfig
-from pipelines.errors import interrupt_on_sigterm
+from pipelines.errors import UserError, interrupt_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +33,43 @@ def init_ray(settings: RayConfig) -> None:
     else:
         ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False)
     interrupt_on_sigterm()  # ray.init's own handler would exit without unwinding
+
+
+def cluster_address(settings: RayConfig) -> str | None:
+    """The existing cluster a job connects to, or None for a private local instance."""
+    return settings.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def is_local_location(uri: str) -> bool:
+    """A path, file:// or sqlite:// URI: on one machine's disk (s3://, http(s)://, postgresql://... are not)."""
+    return urlparse(uri).scheme in ("", "file", "sqlite") or (len(uri) > 1 and uri[1] == ":")  # C:\\
+
+
+def require_shared(settings: RayConfig, locations: dict[str, str]) -> None:
+    """Refuse, on an existing cluster, the ``locations`` (config key -> URI) that live on local disk.
+
+    Without it the job would succeed and lose its output: checkpoints written on whichever node a
+    worker ran, an MLflow database inside a submitted job's temporary working folder.
+    """
+    address = cluster_address(settings)
+    if settings.allow_local or not address:
+        return
+    local = {key: uri for key, uri in locations.items() if is_local_location(uri)}
+    if not local:
+        return
+    listed = "; ".join(f"{key} = {uri}" for key, uri in local.items())
+    raise UserError(
+        f"connected to the Ray cluster at {address}, but {listed} "
+        f"{'is a location' if len(local) == 1 else 'are locations'} on one machine's disk: other nodes cannot "
+        "see it and a submitted job's working folder is deleted when the job ends. Set "
+        + " and ".join(SHARED_HINTS.get(key, f"{key} to shared storage") for key in local)
+        + ", or pass --allow-local (ray.allow_local=true) if every node mounts that path")
+
+
+SHARED_HINTS = {
+    "mlflow.tracking_uri": "MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the MLflow server's URL",
+    "train.storage_path": "train.storage_path to an s3:// prefix",
+    "aux_train.storage_path": "aux_train.storage_path to an s3:// prefix",
+    "tune.storage_path": "tune.storage_path (or train.storage_path) to an s3:// prefix",
+    "--output": "--output to an s3:// prefix",
+}

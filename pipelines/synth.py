@@ -35,7 +35,7 @@ from pipelines.errors import UserError
 from pipelines.config import Config
 from pipelines.dataset import CONFIG_FILE, MANIFEST, MARKER, QUARANTINE, SCHEMA_VERSION, SHARD_SCHEMA, owned_files
 from pipelines.images import RejectedImage, decode_rgb, derive_seed, encode_png, random_crops
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, require_shared
 from upsr.config_loader import from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config key, e.g. --set degradation.jpeg_range=[40,90]")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (credentials taken out) and exit")
+    parser.add_argument("--allow-local", action="append_const", dest="set", const="ray.allow_local=true",
+                        help="on a Ray cluster, accept local paths for outputs, checkpoints and MLflow (every "
+                             "node must mount them); same as --set ray.allow_local=true")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +128,8 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
     """Run the synthesis job; returns the manifest it wrote."""
     source = storage.locate(source_uri, config.storage)
     output = storage.locate(output_uri, config.storage)
+    init_ray(config.ray)
+    require_shared(config.ray, {"--output": output.uri})
     prepare_output(source, output, overwrite)
 
     extensions = tuple(e.lower() for e in config.synth.extensions)
@@ -138,7 +143,6 @@ def synthesize(source_uri: str, output_uri: str, config: Config, overwrite: bool
         "writer": "upsr synth", "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "input": storage.redact_uri(source_uri)}).encode())
     storage.write_bytes(output, CONFIG_FILE, config_module.to_yaml(config).encode())
-    init_ray(config.ray)
     synth = config.synth
     sink = SynthDatasink(output, config, files_seen=len(files))
     listed = ray.data.from_items(files, override_num_blocks=min(len(files), 200))

@@ -449,7 +449,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
     from ray.train.torch import TorchTrainer
 
     from pipelines import tracking
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, require_shared
 
     settings = job.settings(config)
     init_ray(config.ray)
@@ -473,6 +473,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         raise UserError(f"{job.section}.plateau.metric is set but {data_uri} holds out nothing to validate on "
                         "(train_data.val_fraction)")
     storage_path, filesystem, storage_uri = storage_settings(settings, config)
+    require_shared(config.ray, {f"{job.section}.storage_path": storage_uri, "mlflow.tracking_uri": tracking_uri})
     config_yaml = config_module.to_yaml(config)
     mlflow_client = tracking.client(mlflow_settings)
     with tracking.run_ended_unless_done(lambda: tracking.start_run(
@@ -489,7 +490,7 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
         log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s; "
                  "MLflow run: %s", job.name, run_name, settings.num_workers, settings.batch_size, global_batch,
                  settings.lr, storage_uri, run_name, tracking.run_page(mlflow_settings, run_id))
-        resources = {"CPU": settings.cpus_per_worker} | ({"GPU": 1} if settings.use_gpu else {})
+        resources = {"CPU": settings.cpus_per_worker} | ({"GPU": settings.gpus_per_worker} if settings.use_gpu else {})
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": job, "config": ray.put(config), "config_yaml": config_yaml,

@@ -12,13 +12,14 @@ from typing import Any, Callable, Sequence
 
 from pipelines.config import Config, MlflowConfig, TrainConfig, to_yaml
 from pipelines.errors import UserError, last_line
+from pipelines.ray_env import require_shared
 from pipelines.storage import redact_uri
 from pipelines.tracking import connect, log_run_facts, run_ended_unless_done, start_run, tracking_uri
 
 __all__ = [
     "Config", "MlflowConfig", "TrainConfig", "UserError", "last_line", "to_yaml", "redact_uri", "connect",
     "log_run_facts", "run_ended_unless_done", "start_run", "tracking_uri", "open_search_inputs",
-    "checkpoint_storage", "train_trial", "init_ray",
+    "checkpoint_storage", "train_trial", "init_ray", "require_shared",
 ]
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import config as config_module
+from pipelines.errors import UserError
 from upsr.config_loader import ConfigError, flatten, to_dict
 
 
@@ -139,3 +140,38 @@ def test_training_progress_line_gives_step_loss_throughput_and_eta():
     # 50 steps left x 8 samples at 8 samples/s = 50 s
     assert line == "train step 40/90 (44%): loss 0.01235, 8.0 samples/s, data wait 12%, ETA 0:00:50"
     assert progress_line("train-aux", 5, 10, {}, 8) == "train-aux step 5/10 (50%): no finite step since the last line"
+
+
+def test_on_a_cluster_local_outputs_and_a_local_mlflow_file_are_errors_that_say_what_to_set(monkeypatch):
+    from pipelines.config import RayConfig
+    from pipelines.ray_env import is_local_location, require_shared
+
+    assert [is_local_location(uri) for uri in ("runs/x", "/abs/x", "file:///x", "sqlite:////x/mlflow.db")] == [True] * 4
+    assert not any(is_local_location(uri) for uri in ("s3://b/x", "http://mlflow:5000", "postgresql://h/db"))
+    local = {"train.storage_path": "/work/runs/ray_results", "mlflow.tracking_uri": "sqlite:////work/runs/mlflow.db"}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    require_shared(RayConfig(), local)  # a private local instance: local paths are right there
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(UserError) as error:
+        require_shared(RayConfig(), local)
+    message = str(error.value)
+    assert message.startswith("connected to the Ray cluster at 10.0.0.5:6379, but train.storage_path = "
+                              "/work/runs/ray_results; mlflow.tracking_uri = sqlite:////work/runs/mlflow.db are")
+    assert "Set train.storage_path to an s3:// prefix and MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the " \
+           "MLflow server's URL, or pass --allow-local" in message
+    require_shared(RayConfig(), {"train.storage_path": "s3://b/runs", "mlflow.tracking_uri": "http://mlflow:5000"})
+    require_shared(RayConfig(allow_local=True), local)
+    with pytest.raises(UserError, match="at ray://head:10001, but --output = /data is a location"):
+        require_shared(RayConfig(address="ray://head:10001"), {"--output": "/data"})
+
+
+def test_allow_local_is_the_config_key_on_every_job_command(capsys):
+    from cli.main import main
+
+    required = {"synth": ["--output", "x"], "train": ["--data", "x"], "train-aux": ["--data", "x"],
+                "tune": ["--data", "x", "--aux", "y"], "evaluate": ["--model", "x", "--data", "y"], "promote": []}
+    for job, arguments in required.items():
+        assert main([job, *arguments, "--set", "ray.num_cpus=2", "--allow-local", "--print-config"]) == 0, job
+        printed = capsys.readouterr().out
+        assert "allow_local: true" in printed and "num_cpus: 2" in printed, job

@@ -139,12 +139,14 @@ def test_variants_set_several_keys_and_the_objective_is_explicit():
     assert TuneConfig(objective={"val_lpips": 1.0}, mode="min").describe_objective() == "min 1*val_lpips"
 
 
-def test_ablation_config_is_four_arms_times_three_seeds_on_equal_terms():
+@pytest.mark.parametrize("name", ["ablation.yaml", "ablation_gpu.yaml"])
+def test_ablation_config_is_four_arms_times_three_seeds_on_equal_terms(name):
     from ray.tune.search.variant_generator import generate_variants
 
     from tune.space import check_space, param_space, trial_config
 
-    config = root_config.load(REPO / "configs" / "ablation.yaml")
+    config = root_config.load(REPO / "configs" / name)
+    assert config.tune.variants["arm"].expected_order == ["both", "condition", "unw", "baseline"]
     check_space(config.jobs(), config.tune)
     points = [point for _, point in generate_variants(param_space(config.tune))]
     assert len(points) == 12
@@ -167,7 +169,7 @@ def test_ablation_config_is_four_arms_times_three_seeds_on_equal_terms():
 def test_the_search_configs_are_valid_searches():
     from tune.space import check_space
 
-    for name in ("tune.yaml", "tune_tiny.yaml", "ablation.yaml"):
+    for name in ("tune.yaml", "tune_tiny.yaml", "ablation.yaml", "ablation_gpu.yaml"):
         config = root_config.load(REPO / "configs" / name)
         check_space(config.jobs(), config.tune)
 
@@ -184,6 +186,12 @@ def test_concurrent_trials_follow_the_cluster_and_the_per_trial_resources():
     assert concurrent_trials(settings, TrainConfig(num_workers=2, cpus_per_worker=1.0, use_gpu=True),
                              {"CPU": 64.0, "GPU": 8.0}) == 4
     assert concurrent_trials(settings, one_worker, {"CPU": 1.0}) == 1
+    # A quarter of a GPU per worker: four one-worker trials share one GPU (CPUs would allow 7).
+    shared_gpu = TrainConfig(num_workers=1, cpus_per_worker=2.0, use_gpu=True, gpus_per_worker=0.25)
+    assert concurrent_trials(settings, shared_gpu, {"CPU": 16.0, "GPU": 1.0}) == 4
+    # The GPU twin of the ablation runs its twelve trials four at a time on one 16-CPU GPU machine.
+    gpu_twin = root_config.load(REPO / "configs" / "ablation_gpu.yaml")
+    assert concurrent_trials(gpu_twin.tune, gpu_twin.train, {"CPU": 16.0, "GPU": 1.0}) == 4
     assert concurrent_trials(TuneConfig(max_concurrent_trials=3), one_worker, {"CPU": 2.0}) == 3
 
 

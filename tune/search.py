@@ -101,7 +101,7 @@ def concurrent_trials(settings: TuneConfig, train: TrainConfig, resources: dict[
     per_trial_cpus = train.num_workers * train.cpus_per_worker + settings.driver_cpus
     limits = [int((resources.get("CPU", 0.0) - settings.data_cpus) // per_trial_cpus)]
     if train.use_gpu:
-        limits.append(int(resources.get("GPU", 0.0) // train.num_workers))
+        limits.append(int(resources.get("GPU", 0.0) // (train.num_workers * train.gpus_per_worker)))
     return max(1, min(limits))
 
 
@@ -131,6 +131,8 @@ def search(data_uri: str, aux_uri: str, config: Config, settings: TuneConfig, na
     concurrency = concurrent_trials(settings, config.train, resources)
     storage_path, filesystem, storage_uri = pipeline.checkpoint_storage(
         replace(config.train, storage_path=settings.storage_path or config.train.storage_path), config)
+    pipeline.require_shared(config.ray, {"tune.storage_path": storage_uri,
+                                         "mlflow.tracking_uri": pipeline.tracking_uri(config.mlflow)})
     experiment_path = f"{storage_path}/{name}"
     resumed = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
 
