@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib import metadata
 
 from pipelines.entry import add_log_level, execute
+
+# Lines Ray's own actors print over and over that mean nothing to a user of this project, kept
+# out of the console (they stay in Ray's log files, /tmp/ray/session_latest/logs). Ray Train's
+# placement-group cleaner asks the State API, which a local instance without the dashboard does
+# not serve, every second of a run: 151 of the demo's 314 lines were this warning.
+HARMLESS_RAY_LINES = "Failed to query Ray Train Controller actor state"
 
 # subcommand -> (module defining add_arguments(parser) and run(args), summary). Only the chosen
 # job's module is imported, so `upsr --help` does not load torch and Ray.
@@ -59,6 +66,9 @@ def build_parser(job: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" not in argv:
+        # Read by Ray when it is imported (with the job's module, below), hence set here.
+        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS_RAY_LINES)
     job = next((a for a in argv if a in JOBS), None)
     args = build_parser(job).parse_args(argv)
     return execute(args.run, args, args.load_config)

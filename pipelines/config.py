@@ -271,6 +271,13 @@ class MlflowConfig:
     artifact_location: str | None = None
     registered_model: str = "upsr"
     alias: str = "challenger"
+    # Training runs record each worker's CPU, memory, disk, network and GPU use (MLflow's system
+    # metrics, system/rank<N>/...) every this many seconds; 0 turns it off.
+    system_metrics_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.system_metrics_interval_s >= 0:
+            raise ValueError(f"system_metrics_interval_s must be >= 0, got {self.system_metrics_interval_s}")
 
 
 @dataclass(config=SECTION)

@@ -21,6 +21,9 @@ log = logging.getLogger("upsr")
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="how much the job logs (default INFO; DEBUG adds the libraries' detail)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray Data's progress bars and the warnings Ray repeats that are known to "
+                             "be harmless (upsr command only; kept out of the console by default)")
 
 
 def run_job(module, argv: list[str] | None = None) -> int:
@@ -45,6 +48,8 @@ def execute(run, args, load_config=None) -> int:
     # their MLflow runs KILLED instead of leaving them RUNNING.
     previous = signal.getsignal(signal.SIGTERM)
     interrupt_on_sigterm()
+    if getattr(args, "verbose", False) and isinstance(getattr(args, "set", None), list):
+        args.set.append("ray.data_progress_bars=true")
     try:
         if getattr(args, "print_config", False):
             from pipelines import config as config_module

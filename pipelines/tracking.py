@@ -217,15 +217,25 @@ class RunLogger:
             mlflow.entities.Metric(key, float(value), int(1000 * time.time()), step)
             for key, value in values.items()])
 
-    def image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
-
-    def figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+    def image(self, image: np.ndarray, key: str, step: int) -> None:
+        """One image of a series (``key``) at a step: the MLflow UI shows the series with a step slider."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def artifacts(self, folder: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+
+def start_system_metrics(settings: MlflowConfig, run_id: str, uri: str, rank: int, resumed: bool):
+    """MLflow's system-metrics thread for this worker (CPU, memory, disk, network; GPUs through
+    nvidia-ml-py), logging ``system/rank<N>/...`` to the run; None when turned off. ``finish()`` it."""
+    if not settings.system_metrics_interval_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=settings.system_metrics_interval_s,
+                                   node_id=f"rank{rank}", tracking_uri=uri, resume_logging=resumed)
+    monitor.start()
+    return monitor
 
 
 EVAL_TAG = "upsr.eval."

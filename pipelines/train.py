@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
 from torch import nn
@@ -241,13 +242,14 @@ class DiffusionTask:
         import matplotlib
 
         matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         floor = self.config.weight.floor
         # w lies in [floor, 1]: stretched to black..white, channels averaged.
         weight_map = ((condition.weight.mean(dim=1, keepdim=True) - floor) / max(1 - floor, 1e-6)).expand_as(sr)
         columns = [(condition.y + 1) / 2, (condition.g_y + 1) / 2, weight_map, sr, hr]
-        logger.image(image_grid(columns), f"samples/grid_step_{step:08d}.png")
+        logger.image(image_grid(columns), "validation_grid", step)
         figure = Figure(figsize=(5, 3))
         axes = figure.add_subplot()
         axes.hist(condition.weight.float().flatten().cpu().numpy(), bins=50, range=(0, 1))
@@ -255,7 +257,9 @@ class DiffusionTask:
         axes.set_ylabel("pixels x channels")
         axes.set_title(f"step {step}")
         figure.tight_layout()
-        logger.figure(figure, f"samples/w_hist_step_{step:08d}.png")
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        logger.image(np.asarray(canvas.buffer_rgba())[..., :3].copy(), "w_histogram", step)
 
     def export(self, ema_model: nn.Module, folder: Path) -> None:
         from upsr.checkpoint import CheckpointConfig, save_checkpoint

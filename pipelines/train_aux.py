@@ -100,7 +100,7 @@ class AuxTask:
             for key, value in values.items():
                 scores.setdefault(key, []).append(value.float().cpu())
             if index == 0:
-                logger.image(image_grid([bicubic, sr, hr]), f"samples/aux_grid_step_{step:08d}.png")
+                logger.image(image_grid([bicubic, sr, hr]), "validation_grid", step)
         ema_model.train()
         return {f"val_{key}": float(torch.cat(values).mean()) for key, values in scores.items()}
 

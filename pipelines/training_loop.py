@@ -189,12 +189,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of both jobs; ``loop_config`` is what ``fit`` passed: the job, and
     the config, tracking URI and task options as object-store references."""
     import ray.train
+
+    from pipelines.tracking import start_system_metrics
+
+    config: Config = ray.get(loop_config["config"])
+    monitor = start_system_metrics(config.mlflow, loop_config["mlflow_run_id"], ray.get(loop_config["tracking_uri"]),
+                                   ray.train.get_context().get_world_rank(), ray.train.get_checkpoint() is not None)
+    try:
+        train_steps(loop_config, config)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def train_steps(loop_config: dict[str, Any], config: Config) -> None:
+    """The training loop of one worker: set-up, resume, steps, validation, checkpoints."""
+    import ray.train
     import ray.train.torch
 
     from pipelines.tracking import RunLogger
 
     job: TrainingJob = loop_config["job"]
-    config: Config = ray.get(loop_config["config"])
     settings = job.settings(config)
     task_options = {key: ray.get(ref) for key, ref in loop_config["task_options"].items()}
     context = ray.train.get_context()

@@ -175,3 +175,17 @@ def test_allow_local_is_the_config_key_on_every_job_command(capsys):
         assert main([job, *arguments, "--set", "ray.num_cpus=2", "--allow-local", "--print-config"]) == 0, job
         printed = capsys.readouterr().out
         assert "allow_local: true" in printed and "num_cpus: 2" in printed, job
+
+
+def test_verbose_brings_back_ray_data_progress_bars_and_the_harmless_ray_warnings(capsys, monkeypatch):
+    import os
+
+    from cli.main import HARMLESS_RAY_LINES, main
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    assert main(["train", "--data", "x", "--verbose", "--print-config"]) == 0
+    assert "data_progress_bars: true" in capsys.readouterr().out
+    assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in os.environ
+    assert main(["train", "--data", "x", "--print-config"]) == 0
+    assert "data_progress_bars: false" in capsys.readouterr().out
+    assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == HARMLESS_RAY_LINES

@@ -188,12 +188,19 @@ def test_train_end_to_end_registers_a_loadable_model(workspace, aux_run, tmp_pat
         assert [step for step, _ in losses(client, result.run_id, key)] == [10, 20], key
     assert config.weight.floor <= metrics["val_w_mean"] <= 1
     assert 0 <= metrics["val_w_at_floor"] <= 1 and 0 <= metrics["val_w_saturated"] <= 1
+    # MLflow's system metrics, per worker (no GPU here: CPU, memory, disk and network only).
+    for rank in range(config.train.num_workers):
+        assert 0 <= metrics[f"system/rank{rank}/cpu_utilization_percentage"] <= 100
+        assert metrics[f"system/rank{rank}/system_memory_usage_megabytes"] > 0
 
-    samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
-    assert {"samples/grid_step_00000010.png", "samples/grid_step_00000020.png",
-            "samples/w_hist_step_00000020.png"} <= samples
-    grid = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="samples/grid_step_00000020.png",
-                                               dst_path=str(tmp_path))
+    # Validation panels as MLflow image series (key and step: the UI's step slider).
+    images = [a.path for a in client.list_artifacts(result.run_id, "images") if a.path.endswith(".png")]
+    series = sorted(tuple(Path(path).name.split("+")[:3:2]) for path in images)
+    assert series == [("validation_grid", "10"), ("validation_grid", "20"), ("w_histogram", "10"),
+                      ("w_histogram", "20")]
+    grid = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, dst_path=str(tmp_path),
+        artifact_path=next(p for p in images if Path(p).name.startswith("validation_grid+step+20+")))
     assert np.asarray(Image.open(grid)).shape == (4 * 128, 5 * 128, 3)
     assert {a.path for a in client.list_artifacts(result.run_id, "dataset")} == {"dataset/_manifest.json"}
     assert {a.path for a in client.list_artifacts(result.run_id, "config")} == {"config/resolved.yaml"}
