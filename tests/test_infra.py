@@ -23,7 +23,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
 IMAGE_IN_CONTAINER = "/home/ray/upsr/"
-IMAGE_PATTERN = re.compile(r"registry\.example\.com/upsr/upsr-ray:[\w.-]+")
+# The one place the image is named (infra/set_image.py renames it everywhere); any tag of its
+# repository counts as a mention.
+IMAGE = (INFRA / "IMAGE").read_text().strip()
+IMAGE_PATTERN = re.compile(re.escape(IMAGE.rsplit(":", 1)[0]) + r":[\w.-]+")
 # Fields of the KubeRay v1 API (ray-operator/apis/ray/v1: RayJobSpec, RayClusterSpec,
 # HeadGroupSpec, WorkerGroupSpec); a misspelt field would be dropped silently by the API server.
 RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
@@ -117,7 +120,7 @@ def image_references() -> dict[str, set[str]]:
 def test_one_image_name_everywhere_tagged_with_the_pinned_ray_and_python():
     references = image_references()
     images = set().union(*references.values())
-    assert len(images) == 1, references
+    assert images == {IMAGE}, references
     image = images.pop()
     assert image.endswith(f"-ray{RAY}-py311-gpu"), image
     for path in ("infra/cluster/aws-gpu.yaml", "infra/cluster/aws-cpu.yaml", "infra/docker/README.md",
@@ -149,6 +152,81 @@ def test_ray_up_files_pass_rays_cluster_schema(name):
     assert "RAY_AUTH_MODE=token" in " ".join(config["setup_commands"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in command for command in commands)
+
+
+def test_configure_writes_ray_up_files_for_a_region_with_its_image_and_registry_login(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    spec = importlib.util.spec_from_file_location("configure", INFRA / "cluster" / "configure.py")
+    configure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configure)
+    ecr = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ml/upsr-ray:0.1.0-ray2.60.0-py311-gpu"
+    monkeypatch.setattr(configure, "IMAGE_FILE", tmp_path / "IMAGE")
+    (tmp_path / "IMAGE").write_text(ecr + "\n")
+    assert configure.main(["--region", "eu-west-1", "--ami", "ami-0abc", "--out", str(tmp_path / "out")]) == 0
+    for name in ("aws-gpu.yaml", "aws-cpu.yaml"):
+        config = documents(tmp_path / "out" / name)[0]
+        validate_config(prepare_config(copy.deepcopy(config)))
+        assert config["provider"]["region"] == "eu-west-1" and "availability_zone" not in config["provider"]
+        assert {node["node_config"]["ImageId"] for node in config["available_node_types"].values()} == {"ami-0abc"}
+        assert config["docker"]["image"] == ecr
+        assert config["initialization_commands"] == [
+            "aws ecr get-login-password --region eu-west-1 | docker login --username AWS --password-stdin "
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com"]
+        assert "export AWS_REGION=eu-west-1" in " ".join(config["setup_commands"])
+        # Each node type gets the instance profile whose policy infra/cluster/iam/ holds.
+        profiles = {node["node_config"]["IamInstanceProfile"]["Name"] for node in config["available_node_types"].values()}
+        assert profiles == {"upsr-ray-head", "upsr-ray-worker"}
+    public = configure.configure(documents(INFRA / "cluster" / "aws-gpu.yaml")[0], "us-east-1", "ami-1",
+                                 "ghcr.io/me/upsr-ray:0.1.0-ray2.60.0-py311-gpu", "us-east-1a")
+    assert public["initialization_commands"] == [] and public["provider"]["availability_zone"] == "us-east-1a"
+    # The templates in the repository name no image id a region could have, and mount nothing unused.
+    for name in ("aws-gpu.yaml", "aws-cpu.yaml"):
+        template = documents(INFRA / "cluster" / name)[0]
+        assert list(template["file_mounts"]) == ["~/.ray/auth_token"]
+        assert {n["node_config"]["ImageId"] for n in template["available_node_types"].values()} == {
+            "set-by-infra/cluster/configure.py"}
+
+
+def test_iam_documents_parse_and_the_head_may_launch_workers_and_pass_their_role():
+    import json
+
+    iam = INFRA / "cluster" / "iam"
+    documents_by_name = {path.stem: json.loads(path.read_text()) for path in iam.glob("*.json")}
+    assert set(documents_by_name) == {"trust-ec2", "head-policy", "worker-policy"}
+    for document in documents_by_name.values():
+        assert document["Version"] == "2012-10-17" and document["Statement"]
+    actions = {name: {a for s in doc["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str)
+                                                             else s["Action"])}
+               for name, doc in documents_by_name.items()}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+            "iam:PassRole"} <= actions["head-policy"]
+    assert not any(a.startswith(("ec2:", "iam:")) for a in actions["worker-policy"])
+    for name in ("head-policy", "worker-policy"):
+        assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "ecr:BatchGetImage"} <= actions[name]
+
+
+def test_set_image_renames_the_image_everywhere(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    shutil.copytree(INFRA, tmp_path / "infra")
+    shutil.copytree(REPO / "docs", tmp_path / "docs")
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    spec = importlib.util.spec_from_file_location("set_image", INFRA / "set_image.py")
+    set_image = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(set_image)
+    monkeypatch.setattr(set_image, "REPO", tmp_path)
+    monkeypatch.setattr(set_image, "IMAGE_FILE", tmp_path / "infra" / "IMAGE")
+    new = "123456789012.dkr.ecr.us-west-2.amazonaws.com/ml/upsr-ray:0.1.0-ray2.60.0-py311-gpu"
+    before = set_image.files_naming(IMAGE)
+    assert len(before) >= 5
+    assert set_image.main([new]) == 0
+    assert (tmp_path / "infra" / "IMAGE").read_text().strip() == new
+    assert set_image.files_naming(IMAGE) == [] and set_image.files_naming(new) == before
+    assert set_image.main(["no-tag"]) == 2
 
 
 def test_kuberay_manifests_use_the_api_pin_ray_and_enable_token_auth():
