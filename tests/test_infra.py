@@ -100,10 +100,33 @@ def test_dockerfile_builds_on_the_pinned_ray_gpu_image_and_installs_the_lock():
     text = (INFRA / "docker" / "Dockerfile").read_text()
     assert re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE) == [f"rayproject/ray:{RAY}-py311-gpu"]
     assert "requirements/lock.txt" in text and "PIP_BUILD_CONSTRAINT" in text
-    assert re.search(r"pip install -r requirements/lock\.txt", text)
-    assert f"ray.__version__ == '{RAY}'" in text
+    # Only what runs: pyproject's dependencies with the lock as constraints, never the whole lock
+    # (which holds the dev tools), and one OpenCV, the headless build.
+    assert "pip install -c requirements/lock.txt -r /tmp/runtime.txt" in text
+    assert not re.search(r"-r requirements/lock\.txt", text)
+    assert "pip uninstall -y opencv-python" in text and "--force-reinstall -c requirements/lock.txt " \
+        "opencv-python-headless" in text
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[\[=<>! ]", requirement)[0].lower() for requirement in project["dependencies"]}
+    dev = {re.split(r"[\[=<>! ]", requirement)[0].lower() for requirement in project["optional-dependencies"]["dev"]}
+    assert {"pytest", "moto"} <= dev and not runtime & (dev | {"cfn-lint", "pytest", "moto"})
+    assert "python infra/docker/smoke.py" in text
     ignored = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
-    assert {".venv", "runs", ".git"} <= set(ignored)
+    assert {".venv", "runs", ".git", "infra", "!infra/docker/smoke.py"} <= set(ignored)
+    assert ignored.index("!infra/docker/smoke.py") > ignored.index("infra")
+
+
+def test_the_images_smoke_test_passes_here():
+    """infra/docker/smoke.py, as the image build runs it: imports and one degradation."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(INFRA / "docker" / "smoke.py")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"smoke: ray {RAY}, OpenCV ") and "degradation 64x64 -> 16x16" in done.stdout
 
 
 def image_references() -> dict[str, set[str]]:
