@@ -252,6 +252,66 @@ def test_set_image_renames_the_image_everywhere(tmp_path, monkeypatch):
     assert set_image.main(["no-tag"]) == 2
 
 
+def quantity(value) -> float:
+    """A Kubernetes CPU or memory quantity in CPUs or GiB."""
+    text = str(value)
+    units = {"Gi": 1.0, "Mi": 1 / 1024, "m": 1e-3}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * scale
+    return float(text)
+
+
+def documented_node_sizes() -> dict[str, dict]:
+    """The node-size table of docs/cluster.md: group -> vCPU, memory and GPUs of its node type."""
+    rows = re.findall(r"^\| (\w+) \| ([\w.]+) \| (\d+) \| (\d+) \| (\d+) \| [^|]+ \| (\d+) \|$",
+                      (REPO / "docs" / "cluster.md").read_text(), re.MULTILINE)
+    return {group: {"node": node, "cpu": int(cpu), "memory": int(memory), "gpu": int(gpu), "pods": int(pods)}
+            for group, node, cpu, memory, gpu, pods in rows}
+
+
+def test_every_ray_pod_fits_its_documented_node_type_and_runs_as_the_project():
+    sizes = documented_node_sizes()
+    assert set(sizes) == {"head", "gpu", "cpu"}, sizes
+    for where, spec in cluster_specs():
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for name, group in groups:
+            pod = group["template"]["spec"]
+            requests = pod_containers(group)[0]["resources"]["requests"]
+            node = sizes[name]
+            # What the pods of one node request stays below the node's size (allocatable is less
+            # than the size by the kubelet's reserve: about 0.1 CPU and 2-3 GiB on these).
+            assert node["pods"] * quantity(requests["cpu"]) <= node["cpu"] - 0.5, (where, name)
+            assert node["pods"] * quantity(requests["memory"]) <= node["memory"] - 3, (where, name)
+            assert node["pods"] * int(requests.get("nvidia.com/gpu", 0)) <= node["gpu"], (where, name)
+            assert pod["serviceAccountName"] == "upsr-ray" and pod["imagePullSecrets"] == [{"name": "upsr-registry"}]
+            shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
+            assert shm and shm[0]["emptyDir"]["medium"] == "Memory", (where, name)
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in pod_containers(group)[0]["volumeMounts"]
+    for path, job in kube_objects("RayJob"):
+        assert job["spec"]["submissionMode"] == "SidecarMode", path.name
+    accounts = {doc["metadata"]["name"] for _, doc in kube_objects("ServiceAccount")}
+    assert "upsr-ray" in accounts
+
+
+def test_the_mlflow_deployment_is_the_server_the_settings_name():
+    settings = next(doc for _, doc in kube_objects("ConfigMap") if doc["metadata"]["name"] == "upsr-settings")
+    url = settings["data"]["MLFLOW_TRACKING_URI"]
+    manifests = documents(INFRA / "k8s" / "mlflow" / "mlflow.yaml")
+    service = next(doc for doc in manifests if doc["kind"] == "Service")
+    deployment = next(doc for doc in manifests if doc["kind"] == "Deployment")
+    assert url == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:" \
+                  f"{service['spec']['ports'][0]['port']}"
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["mlflow", "server"] and "--serve-artifacts" in command
+    allowed = command[command.index("--allowed-hosts") + 1].split(",")
+    assert url.split("//", 1)[1] in allowed
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MLFLOW_BACKEND_STORE_URI", "valueFrom": {"secretKeyRef": {"name": "mlflow-db", "key": "uri"}}} in env
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.endswith(f":{MLFLOW}")
+
+
 def test_kuberay_manifests_use_the_api_pin_ray_and_enable_token_auth():
     assert kube_objects("RayCluster") and len(kube_objects("RayJob")) == 3
     for where, spec in cluster_specs():
