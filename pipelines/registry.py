@@ -25,10 +25,15 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
+import basicsr_compat
+import upsr as upsr_package
 from pipelines.config import MlflowConfig
 from pipelines.errors import UserError
 from pipelines.pyfunc_model import CHECKPOINT_ARTIFACT
@@ -137,6 +142,16 @@ MODEL_NAME_IN_RUN = "model"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
+# What the pyfunc model imports: the upsr package and the basicsr shim it needs, shipped as code;
+# the libraries they import, pinned to this environment's versions.
+MODEL_CODE = (Path(upsr_package.__file__).parent, Path(basicsr_compat.__file__))
+MODEL_REQUIREMENTS = ("torch", "torchvision", "basicsr", "numpy", "scipy", "pydantic", "pyyaml", "safetensors")
+# One uint8 RGB image of any size in, the x4 upscale out (HxWx3 -> 4Hx4Wx3).
+IMAGE_SIGNATURE = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
+                                 outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]))
+INPUT_EXAMPLE = np.full((16, 16, 3), 128, dtype=np.uint8)
+
+
 def log_and_register_model(settings: MlflowConfig, run_id: str, checkpoint_folder: Path) -> int:
     """Log the checkpoint folder as the run's pyfunc model, register it and point the alias at
     the new version; returns the version number."""
@@ -145,8 +160,12 @@ def log_and_register_model(settings: MlflowConfig, run_id: str, checkpoint_folde
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN, python_model=str(PYFUNC_CODE),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_folder)},
+            # The model's own code travels with it (MLflow puts code/ on sys.path when it loads the
+            # model), so that the registry alone serves it; no package index has this project.
+            code_paths=[str(path) for path in MODEL_CODE],
             # Listed rather than inferred: inference would load the model in a subprocess.
-            pip_requirements=[f"upsr-ray=={metadata.version('upsr-ray')}"],
+            pip_requirements=[f"{name}=={metadata.version(name)}" for name in MODEL_REQUIREMENTS],
+            signature=IMAGE_SIGNATURE, input_example=INPUT_EXAMPLE,
             registered_model_name=settings.registered_model)
         mlflow.end_run("RUNNING")
     version = int(info.registered_model_version)

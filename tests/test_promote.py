@@ -233,3 +233,54 @@ def test_promotion_lifecycle(workspace, tiny_config, caplog):
         with pytest.raises(UserError, match=f"moved to v{worse} while .* was compared with .*v{broken}"):
             promote(workspace, "--candidate", f"models:/{MODEL}/{flat}")
     assert champion() == worse and promote_tags(flat) == tags_before
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_served_from_the_registry_alone(workspace, tiny_config, tmp_path):
+    """`mlflow models serve -m models:/...` answers an upscale request: the model carries its code
+    (upsr and the basicsr shim, as code_paths), pinned requirements that a package index has (not
+    this project), a signature and an input example."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from tests.support import VENV_BIN, free_port, wait_for
+
+    version = register(workspace, tiny_config, "flat")
+    uri = f"models:/{MODEL}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "model")))
+    assert (local / "code" / "upsr" / "inference.py").is_file() and (local / "code" / "basicsr_compat.py").is_file()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert not any(line.startswith("upsr-ray") for line in requirements)
+    assert any(line.startswith("torch==") for line in requirements)
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, 3)}}]
+    assert (local / "input_example.json").is_file()
+
+    port = free_port()
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": workspace["config"].mlflow.tracking_uri,
+                   # `mlflow models serve` starts uvicorn by name, from PATH.
+                   "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(VENV_BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=environment, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(answers, "the model server", server, timeout=180)
+        image = photo(16, 20, 3)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"inputs": image.tolist()}).encode())
+        predictions = np.asarray(json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    # x4, and the "flat" model's x0 = 0 is mid-grey everywhere.
+    assert predictions.shape == (64, 80, 3) and np.abs(predictions - 128).max() <= 8
