@@ -127,6 +127,9 @@ class PlateauConfig:
     mode: Literal["max", "min"] = "max"
     patience: int = 3
     min_delta: float = 0.0
+    # The final checkpoint's model (the EMA weights, which validation scores) is the best
+    # validation's, not the last step's: past the plateau a small dataset is often overfitted.
+    restore_best: bool = True
 
     def __post_init__(self) -> None:
         if self.patience < 1:

@@ -101,6 +101,7 @@ class LoopState:
     consecutive_nonfinite: int = 0
     # train.plateau: the best value of its metric so far and the validations since it improved.
     plateau_best: float | None = None
+    plateau_best_step: int = 0
     validations_without_gain: int = 0
 
 
@@ -143,6 +144,7 @@ def save_training_state(folder: Path, model: nn.Module, ema: AveragedModel, opti
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": state.step, "nonfinite_steps": state.nonfinite_steps,
                 "consecutive_nonfinite": state.consecutive_nonfinite, "plateau_best": state.plateau_best,
+                "plateau_best_step": state.plateau_best_step,
                 "validations_without_gain": state.validations_without_gain}, folder / STATE_FILE)
     (folder / CONFIG_FILE).write_text(config_yaml)
 
@@ -175,7 +177,8 @@ def restore_training_state(folder: Path, model: nn.Module, ema: AveragedModel, o
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     return LoopState(saved["step"], saved["nonfinite_steps"], saved["consecutive_nonfinite"],
-                     saved.get("plateau_best"), saved.get("validations_without_gain", 0))
+                     saved.get("plateau_best"), saved.get("plateau_best_step", 0),
+                     saved.get("validations_without_gain", 0))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -250,6 +253,7 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
     global_batch = settings.batch_size * world_size
     window = _Window()
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    best_ema: dict[str, torch.Tensor] | None = None  # train.plateau.restore_best: rank 0's copy
     # Rank 0's latest validation metrics ride along in every report, so that a Ray Tune
     # scheduler watching the run (TuneReportCallback forwards rank 0's metrics) can rank it.
     latest_validation: dict[str, float] = {}
@@ -322,13 +326,22 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
                     val_batches = validation_batches(ray.get(loop_config["val_pairs"]), device)
                 latest_validation = task.validate(ema.module, iter(val_batches), step, logger)
                 logger.metrics(latest_validation, step)
-            plateaued = validating and settings.plateau.metric is not None and bool(all_reduce_sum(torch.tensor(
-                [float(rank == 0 and plateau_reached(settings.plateau, state, latest_validation))], device=device)))
+            plateaued = False
+            if validating and settings.plateau.metric is not None:
+                stop = rank == 0 and plateau_reached(settings.plateau, state, latest_validation, step)
+                if rank == 0 and settings.plateau.restore_best and state.plateau_best_step == step:
+                    best_ema = {k: v.detach().to("cpu", copy=True) for k, v in ema.module.state_dict().items()}
+                plateaued = bool(all_reduce_sum(torch.tensor([float(stop)], device=device)))
             if plateaued and logger:
-                logger.metrics({"stopped_on_plateau_at_step": step}, step)
-                log.info("%s: %s has not improved for %d validations (best %.4f): stopping at step %d of %d",
-                         job.name, settings.plateau.metric, state.validations_without_gain, state.plateau_best,
-                         step, settings.steps)
+                log.info("%s: %s has not improved for %d validations (best %.4f at step %d): stopping at step %d "
+                         "of %d", job.name, settings.plateau.metric, state.validations_without_gain,
+                         state.plateau_best, state.plateau_best_step, step, settings.steps)
+                stopped = {"stopped_on_plateau_at_step": step}
+                if best_ema is not None:
+                    # The checkpoint exports the best validation's model (it is in memory since then).
+                    ema.module.load_state_dict(best_ema)
+                    stopped["restored_best_from_step"] = state.plateau_best_step
+                logger.metrics(stopped, step)
             if step % settings.checkpoint_every == 0 or step == settings.steps or plateaued:
                 report(rank, step, state, model, ema, optimizer, scheduler, scaler, task, loop_config["config_yaml"],
                        latest_validation)
@@ -340,14 +353,14 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
             raise RuntimeError(f"the train split yields no batch of {settings.batch_size} rows per worker")
 
 
-def plateau_reached(plateau: PlateauConfig, state: LoopState, validation: dict[str, float]) -> bool:
-    """Rank 0, after a validation: count it against ``train.plateau`` and say whether to stop."""
+def plateau_reached(plateau: PlateauConfig, state: LoopState, validation: dict[str, float], step: int) -> bool:
+    """Rank 0, after the validation at ``step``: count it against ``train.plateau`` and say whether to stop."""
     if plateau.metric not in validation:
         raise UserError(f"plateau.metric: {plateau.metric!r} is not a validation metric of this job "
                         f"(it logs {', '.join(sorted(validation))})")
     value = validation[plateau.metric]
     if plateau.improved(value, state.plateau_best):
-        state.plateau_best, state.validations_without_gain = value, 0
+        state.plateau_best, state.plateau_best_step, state.validations_without_gain = value, step, 0
     else:
         state.validations_without_gain += 1
     return state.validations_without_gain >= plateau.patience
