@@ -83,7 +83,8 @@ def resolve_aux(aux_uri: str, config: Config) -> tuple[Config, str]:
             raise UserError(f"--aux {aux_uri}: no such file or folder")
         if location.fs.get_file_info(location.path).type == pafs.FileType.Directory:
             raise UserError(f"--aux {aux_uri}: the folder holds no {AUX_WEIGHTS_FILE}; is it a train-aux checkpoint?")
-        return replace(config, aux=replace(config.aux, weights=aux_uri)), aux_uri
+        # Absolute: Tune trials and Ray Train workers do not run in the submitting folder.
+        return replace(config, aux=replace(config.aux, weights=location.uri)), location.uri
     if storage.exists(location, AUX_CONFIG_FILE):
         try:
             stored = from_dict(AuxConfig, json.loads(storage.read_bytes(location, location.join(AUX_CONFIG_FILE))),

@@ -22,5 +22,6 @@ print(to_yaml(load(sys.argv[1]).jobs()), end="")' "$config" > "$jobs"
 aux_name=$name-aux-$stamp
 "$upsr" train-aux --config "$jobs" --data "$data" --name "$aux_name" "$@"
 # The run's last checkpoint: where it stopped (plateau) or its last step.
-aux=$(ls -d runs/ray_results/"$aux_name"/checkpoint_* | sort | tail -n 1)
+# (checkpoint_<8 digits>: Ray Train keeps its own checkpoint_manager_snapshot.json beside them)
+aux=$(ls -d runs/ray_results/"$aux_name"/checkpoint_[0-9]* | sort | tail -n 1)
 "$upsr" tune --config "$config" --data "$data" --aux "$aux" --name "$name-$stamp" --report docs/"$name".md "$@"

@@ -534,7 +534,7 @@ def test_git_commit_comes_from_the_checkout_else_from_the_environment(tmp_path, 
     assert git_commit(tmp_path) is None
 
 
-def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_path):
+def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_path, monkeypatch):
     import json as json_module
 
     from pipelines.train import resolve_aux
@@ -555,6 +555,12 @@ def test_aux_checkpoints_must_exist_and_match_the_configured_architecture(tmp_pa
     (tmp_path / "aux_config.json").write_text(json_module.dumps(other))
     with pytest.raises(UserError, match="aux.options"):
         resolve_aux(str(tmp_path), config)
+
+    # A weights file given by a relative path is made absolute: Tune trials and Ray Train workers
+    # run in other folders than the one the command was given in.
+    monkeypatch.chdir(tmp_path.parent)
+    resolved, weights = resolve_aux(f"{tmp_path.name}/aux.safetensors", config)
+    assert weights == str(tmp_path / "aux.safetensors") == resolved.aux.weights
 
 
 @pytest.mark.slow
