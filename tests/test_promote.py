@@ -274,7 +274,8 @@ def test_a_registered_model_is_served_from_the_registry_alone(workspace, tiny_co
             return False
 
     try:
-        wait_for(answers, "the model server", server, timeout=180)
+        # ~30 s alone on 2 CPUs (torch and the model load in the server); far more beside other jobs.
+        wait_for(answers, "the model server", server, timeout=600)
         image = photo(16, 20, 3)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
                                          data=json.dumps({"inputs": image.tolist()}).encode())

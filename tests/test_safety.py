@@ -240,6 +240,7 @@ def test_no_mlflow_run_is_left_running_whatever_stops_the_job():
             self.tags[run_id, key] = value
 
     client = Client()
+    handler_before = signal.getsignal(signal.SIGINT)  # whatever the test session has installed
 
     def create_interrupted() -> str:
         os.kill(os.getpid(), signal.SIGINT)  # delivered mid-creation
@@ -253,7 +254,8 @@ def test_no_mlflow_run_is_left_running_whatever_stops_the_job():
             raise RuntimeError("broken\nthe disk is full")
     with run_ended_unless_done(lambda: "run-3", client) as run_id:
         assert run_id == "run-3"
-    assert client.ended == [("run-1", "KILLED"), ("run-2", "FAILED")]
-    assert client.tags["run-1", END_REASON_TAG].startswith("interrupted")
-    assert client.tags["run-2", END_REASON_TAG] == "RuntimeError: the disk is full"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert client.ended == [("run-1", "KILLED"), ("run-2", "FAILED")], client.ended
+    assert client.tags["run-1", END_REASON_TAG].startswith("interrupted"), client.tags
+    assert client.tags["run-2", END_REASON_TAG] == "RuntimeError: the disk is full", client.tags
+    # The handlers held during creation are put back as they were.
+    assert signal.getsignal(signal.SIGINT) is handler_before, (signal.getsignal(signal.SIGINT), handler_before)
