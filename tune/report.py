@@ -292,9 +292,9 @@ def diagnostics_lines(groups: list[Group]) -> list[str]:
         "",
         "What UPSR's premise needs, per group at the last validation (mean over its trials): g(y) clearly "
         "better than bicubic; w varying between its floor and 1 rather than sitting at either; the gain showing "
-        "in the low-uncertainty pixels (lowest third of |g(y) − y|) where less noise keeps LR information. "
-        "x0 MSE: the EMA denoiser's x0-prediction error at each diffusion step t (images in [−1, 1], one noise "
-        "draw).",
+        "in the low-uncertainty pixels (lowest third of |g(y) − y|) where less noise keeps LR information "
+        "(PSNR over those pixels in RGB, so lower than the table's PSNR, which is on Y). x0 MSE: the EMA "
+        "denoiser's x0-prediction error at each diffusion step t (images in [−1, 1], one noise draw).",
         "",
         "| group | " + " | ".join(title for _, title, _ in DIAGNOSTICS)
         + (f" | x0 MSE at t = {', '.join(map(str, steps))}" if steps else "") + " |",
