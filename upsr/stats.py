@@ -36,6 +36,19 @@ class PairedComparison:
         return self.ci_low > 0 or self.ci_high < 0
 
 
+def _checked_pairs(candidate: np.ndarray, reference: np.ndarray, too_few: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both score arrays as float64, checked: 1-D, one length of at least 2 (else ``too_few``), finite."""
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if candidate.shape != reference.shape or candidate.ndim != 1:
+        raise ValueError(f"expected two 1-D arrays of one length, got shapes {candidate.shape} and {reference.shape}")
+    if candidate.size < 2:
+        raise ValueError(f"{too_few}, got {candidate.size}")
+    if not (np.isfinite(candidate).all() and np.isfinite(reference).all()):
+        raise ValueError("scores must be finite")
+    return candidate, reference
+
+
 def paired_bootstrap(
     candidate: np.ndarray,
     reference: np.ndarray,
@@ -50,14 +63,7 @@ def paired_bootstrap(
     replacement ``samples`` times, the same draws for both models (that is what makes it
     paired). Deterministic for a seed.
     """
-    candidate = np.asarray(candidate, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if candidate.shape != reference.shape or candidate.ndim != 1:
-        raise ValueError(f"expected two 1-D arrays of one length, got shapes {candidate.shape} and {reference.shape}")
-    if candidate.size < 2:
-        raise ValueError(f"a bootstrap interval needs at least 2 paired images, got {candidate.size}")
-    if not (np.isfinite(candidate).all() and np.isfinite(reference).all()):
-        raise ValueError("scores must be finite")
+    candidate, reference = _checked_pairs(candidate, reference, "a bootstrap interval needs at least 2 paired images")
     if samples < 1 or not 0 < confidence < 1:
         raise ValueError(f"need samples >= 1 and 0 < confidence < 1, got {samples} and {confidence}")
     differences = candidate - reference if higher_is_better else reference - candidate
@@ -81,14 +87,7 @@ def paired_t_interval(
     """Student-t confidence interval of the mean paired difference (``scipy.stats.ttest_rel``), for
     the few pairs a bootstrap cannot resample meaningfully (e.g. three seeds per arm); assumes the
     differences are roughly normal. ``samples`` is 0: the interval is analytic."""
-    candidate = np.asarray(candidate, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if candidate.shape != reference.shape or candidate.ndim != 1:
-        raise ValueError(f"expected two 1-D arrays of one length, got shapes {candidate.shape} and {reference.shape}")
-    if candidate.size < 2:
-        raise ValueError(f"a t-interval needs at least 2 pairs, got {candidate.size}")
-    if not (np.isfinite(candidate).all() and np.isfinite(reference).all()):
-        raise ValueError("scores must be finite")
+    candidate, reference = _checked_pairs(candidate, reference, "a t-interval needs at least 2 pairs")
     better, worse = (candidate, reference) if higher_is_better else (reference, candidate)
     differences = better - worse
     if np.ptp(differences) == 0:  # no spread: the interval is the difference itself (scipy gives NaN)
