@@ -26,7 +26,7 @@ def init_ray(settings: RayConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = settings.data_progress_bars
     if ray.is_initialized():
         return
-    address = settings.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(settings)
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address)
