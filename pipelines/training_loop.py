@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import math
 import os
@@ -44,6 +45,8 @@ from pipelines import storage
 from pipelines.errors import UserError, last_line
 from pipelines.config import Config, PlateauConfig, TrainConfig
 from pipelines.images import derive_seed
+from pipelines.optimization import (autocast_context, backward_over_micro_batches, build_optimizer,
+                                    configure_matmul, maybe_compile, resolve_precision)
 from pipelines.train_data import (TrainingData, augment, ingest_config, iter_batches, open_training_data,
                                   validation_batches)
 
@@ -103,12 +106,6 @@ class LoopState:
     plateau_best: float | None = None
     plateau_best_step: int = 0
     validations_without_gain: int = 0
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def ema_update(decay: float, warmup: bool) -> Callable:
@@ -223,17 +220,22 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     task = job.task(config, device, **task_options)
     model = task.model.to(device)
+    if settings.activation_checkpointing:
+        if not hasattr(model, "set_activation_checkpointing"):
+            raise UserError(f"{job.section}.activation_checkpointing: {type(model).__name__} has no levels to "
+                            "checkpoint (only upsr train's Swin-UNet has)")
+        model.set_activation_checkpointing(True)
+    configure_matmul(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
     # AveragedModel's first update would copy the model; the release's EMA starts as a copy of
     # the initial weights and averages from the first step on.
     ema.n_averaged.fill_(1)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
+    optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), settings.lr,
+                                settings.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(settings.warmup_steps))
     precision = resolve_precision(settings.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    autocast = autocast_context(precision, device)
 
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
@@ -241,7 +243,7 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
         with private_copy(checkpoint) as folder:
             state = restore_training_state(folder, model, ema, optimizer, scheduler, scaler)
         log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint.path)
-    trained = ray.train.torch.prepare_model(model, move_to_device=False)
+    trained = ray.train.torch.prepare_model(maybe_compile(model, settings.compile), move_to_device=False)
     logger = (RunLogger(config.mlflow, loop_config["mlflow_run_id"], ray.get(loop_config["tracking_uri"]))
               if rank == 0 else None)
     if logger and checkpoint:
@@ -250,7 +252,7 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
     shard = ray.train.get_dataset_shard("train")
     generator = torch.Generator()
     device_generator = torch.Generator(device)
-    global_batch = settings.batch_size * world_size
+    global_batch = settings.global_batch_size
     window = _Window()
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     best_ema: dict[str, torch.Tensor] | None = None  # train.plateau.restore_best: rank 0's copy
@@ -264,28 +266,29 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
         epoch_steps = 0
         while state.step < settings.steps:
             started = time.perf_counter()
-            try:
-                lr_images, hr_images = next(batches)
-            except StopIteration:
-                break
+            micro_batches = list(itertools.islice(batches, settings.grad_accum_steps))
+            if len(micro_batches) < settings.grad_accum_steps:
+                break  # the epoch's last, incomplete step is dropped, as a partial batch would be
             data_seconds = time.perf_counter() - started
             epoch_steps += 1
             step = state.step + 1
             generator.manual_seed(derive_seed(settings.seed, rank, step))
             device_generator.manual_seed(derive_seed(settings.seed, rank, step, "device"))
-            lr_images, hr_images = augment(lr_images, hr_images, generator)
+            micro_batches = [augment(lr_images, hr_images, generator) for lr_images, hr_images in micro_batches]
             if rank == 0 and step in settings.debug.inject_nan_at_steps:
-                hr_images = torch.full_like(hr_images, float("nan"))
+                lr_images, hr_images = micro_batches[0]
+                micro_batches[0] = lr_images, torch.full_like(hr_images, float("nan"))
 
-            with autocast:
-                terms = task.losses(trained, lr_images, hr_images, device_generator)
-            loss = terms["loss"]
-            summed = all_reduce_sum(torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()]))
-            finite = bool(summed[1] == 0)
+            def loss_terms(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+                with autocast:
+                    return task.losses(trained, *batch, device_generator)
+
+            optimizer.zero_grad(set_to_none=True)
+            accumulated = backward_over_micro_batches(trained, micro_batches, loss_terms, scaler.scale,
+                                                      all_reduce_sum)
+            finite = accumulated.finite
             grad_norm = float("nan")
             if finite:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 # An infinite max norm measures without clipping.
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -301,7 +304,7 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
             state.step = step
             if finite:
                 state.consecutive_nonfinite = 0
-                window.add(float(summed[0]) / world_size, {k: float(v.detach()) for k, v in terms.items()}, grad_norm)
+                window.add(accumulated.loss_sum_over_ranks / world_size, accumulated.terms, grad_norm)
             else:
                 state.nonfinite_steps += 1
                 state.consecutive_nonfinite += 1
@@ -350,7 +353,8 @@ def train_steps(loop_config: dict[str, Any], config: Config) -> None:
             if plateaued:
                 return
         if epoch_steps == 0:
-            raise RuntimeError(f"the train split yields no batch of {settings.batch_size} rows per worker")
+            raise RuntimeError(f"the train split yields fewer than grad_accum_steps = {settings.grad_accum_steps} "
+                               f"batches of {settings.batch_size} rows per worker")
 
 
 def plateau_reached(plateau: PlateauConfig, state: LoopState, validation: dict[str, float], step: int) -> bool:
@@ -491,11 +495,12 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                         f"set --set {job.section}.use_gpu=false")
     if data is None:
         data = open_training_data(data_uri, config.train_data, config.storage)
-    global_batch = settings.batch_size * settings.num_workers
+    global_batch = settings.global_batch_size
     train_rows = data.train_rows
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
-                        f"{global_batch} ({settings.num_workers} workers x {settings.batch_size})")
+                        f"{global_batch} ({settings.num_workers} workers x {settings.batch_size} x {settings.grad_accum_steps} "
+                        "accumulated)")
     val_pairs = data.validation_pairs(settings.val_batches, settings.batch_size)
     if settings.plateau.metric and not val_pairs:
         raise UserError(f"{job.section}.plateau.metric is set but {data_uri} holds out nothing to validate on "
@@ -515,8 +520,9 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
                                    data.dataset.manifest_hash, "training", {
                                        "rows": data.dataset.manifest["counts"]["rows"], "train_rows": train_rows,
                                        "train_photos": len(data.train_sources), "val_photos": len(data.val_sources)})
-        log.info("%s: run %s, %d workers x batch %d = global batch %d, lr %g, checkpoints under %s/%s; "
-                 "MLflow run: %s", job.name, run_name, settings.num_workers, settings.batch_size, global_batch,
+        log.info("%s: run %s, %d workers x batch %d x %d accumulated = global batch %d, lr %g, checkpoints under "
+                 "%s/%s; MLflow run: %s", job.name, run_name, settings.num_workers, settings.batch_size,
+                 settings.grad_accum_steps, global_batch,
                  settings.lr, storage_uri, run_name, tracking.run_page(mlflow_settings, run_id))
         resources = {"CPU": settings.cpus_per_worker} | ({"GPU": settings.gpus_per_worker} if settings.use_gpu else {})
         trainer = TorchTrainer(

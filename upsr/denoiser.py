@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from upsr.config import DenoiserConfig
@@ -329,6 +330,17 @@ class SwinUNetDenoiser(nn.Module):
         if config.predict == "residual":
             zero_init(self.conv_last)
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every block of the encoder, middle and decoder in the backward pass instead of
+        storing its activations (the gradients are the same; dropout replays its random draws)."""
+        self.activation_checkpointing = enabled
+
+    def _run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     @property
     def lr_multiple(self) -> int:
@@ -348,11 +360,11 @@ class SwinUNetDenoiser(nn.Module):
         h = self.unshuffle(torch.cat([x_t_scaled, cond], dim=1))
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self._run(self.middle_block, h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
         h = self.conv_before_upsample(h)
         h = self.lrelu(self.conv_up1(F.interpolate(h, scale_factor=2, mode="nearest")))
         h = self.lrelu(self.conv_up2(F.interpolate(h, scale_factor=2, mode="nearest")))
