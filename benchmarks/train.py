@@ -8,12 +8,10 @@ Throughput counts steps after ``--warmup``; "data wait" is the share of step tim
 spent waiting for its next batch. The aux net is randomly initialised (speed does not depend
 on the weights).
 
-GPU mode (``--gpu``): the paper-size denoiser under bf16 autocast on one GPU: FLOPs of one
-training step (forward and backward) from ``torch.utils.flop_counter``, step time, and the
-model FLOPs utilisation against ``--peak-tflops`` (dense bf16 of the card; 989 for H100/H200).
+The paper-size model's step on a GPU (FLOPs, MFU, torch.compile) is measured by
+benchmarks/gpu_check.py.
 
     .venv/bin/python benchmarks/train.py                # CPU, a few minutes here
-    .venv/bin/python benchmarks/train.py --gpu --gpu-batch 16
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ def plain_loop(config, data_uri: str, global_batch: int, steps: int, warmup: int
     from pipelines.dataset import open_dataset
     from pipelines.images import decode_png
     from pipelines.train import DiffusionTask
+    from pipelines.optimization import build_optimizer
     from pipelines.train_data import augment
     from pipelines.training_loop import ema_update
 
@@ -66,7 +65,7 @@ def plain_loop(config, data_uri: str, global_batch: int, steps: int, warmup: int
     model = task.model
     ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay, config.train.ema_warmup),
                         use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    optimizer = build_optimizer(model.parameters(), config.train.lr, config.train.weight_decay, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     times = []
     for step in range(steps):
@@ -132,67 +131,15 @@ def cpu_benchmark(args: argparse.Namespace) -> None:
     print(f"| Ray Train, 2 workers | {two:.2f} | {two / plain:.2f}x | {100 * two_wait:.1f}% |")
 
 
-def gpu_benchmark(args: argparse.Namespace) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipelines import config as config_module
-    from upsr.denoiser import build_denoiser, count_parameters
-
-    config = config_module.load(REPO / "configs" / "upsr_x4.yaml")
-    device = torch.device("cuda")
-    model = build_denoiser(config.denoiser).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    size, batch = args.crop, args.gpu_batch
-    channels = 6 if config.denoiser.use_sr_condition else 3
-    x_t = torch.randn(batch, 3, size, size, device=device)
-    cond = torch.randn(batch, channels, size, size, device=device)
-    target = torch.randn(batch, 3, size, size, device=device)
-    t = torch.randint(0, config.diffusion.steps, (batch,), device=device)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.mse_loss(model(x_t, t, cond).float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
-    achieved = flops / seconds / 1e12
-    print(f"\n{torch.cuda.get_device_name()}: paper denoiser ({count_parameters(model) / 1e6:.1f}M), bf16 autocast, "
-          f"batch {batch} of {size}x{size}")
-    print("| GFLOP / step (fwd+bwd) | ms / step | samples/s | TFLOP/s | MFU | peak memory |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {flops / 1e9:,.0f} | {1000 * seconds:.1f} | {batch / seconds:.1f} | {achieved:.1f} | "
-          f"{100 * achieved / args.peak_tflops:.1f}% | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB |")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128, help="HR crop side (256 in the paper)")
-    parser.add_argument("--gpu", action="store_true", help="MFU of the paper-size denoiser on one GPU instead")
-    parser.add_argument("--gpu-batch", type=int, default=16)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.gpu:
-        gpu_benchmark(args)
-    else:
-        cpu_benchmark(args)
+    cpu_benchmark(args)
 
 
 if __name__ == "__main__":
