@@ -15,8 +15,8 @@ Parts (``--parts``, all by default; a part that cannot run here fails, it never 
   actors on the same machine: crops/s.
 - ``train``: a 200-step training run of the tiny config through ``upsr train`` (Ray Train, bf16 on
   the GPU, MLflow): the loss must fall and the exported checkpoint must reload and upscale.
-- ``evaluate``: ``upsr evaluate`` of that checkpoint on the synthesised crops, on a GPU actor:
-  images/s.
+- ``evaluate``: ``upsr evaluate`` of that checkpoint on 64 synthesised crops (4 with ``--tiny``),
+  on a GPU actor: images/s.
 
 The last three need Ray and MLflow; ``train_step`` and ``sampler`` need only PyTorch and the
 project's ``upsr`` package. Weights are random (no downloads): speed does not depend on them.
@@ -230,7 +230,7 @@ class RayParts:
         from pipelines.synth import synthesize
 
         self.start()
-        crops = 6 if self.check.tiny else 16
+        crops = 2 if self.check.tiny else 16
         modes = [("CPU actors", ["degradation.device=cpu", "synth.actor_gpus=0"])]
         if self.check.cuda:
             modes.append(("GPU actors", ["degradation.device=cuda", "synth.actor_gpus=0.25"]))
@@ -258,14 +258,15 @@ class RayParts:
 
         if self.data_uri is None:
             self.synth()
-        steps = 24 if self.check.tiny else 200
+        steps = 16 if self.check.tiny else 200
         overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.validate_every={steps}",
                      "train.log_every=10", "train.num_workers=1", f"train.use_gpu={str(self.check.cuda).lower()}",
                      "train.cpus_per_worker=1", "train.lr=0.002", "train.warmup_steps=0",
                      # Held in the object store: each epoch of the few crops reshuffles, not re-reads.
                      "train_data.materialize=true"]
+        overrides.append(f"train.batch_size={16 if self.check.cuda else 2}")
         if self.check.cuda:
-            overrides += ["train.precision=bf16", "train.batch_size=16"]
+            overrides.append("train.precision=bf16")
         config = self.config(*overrides)
         started = time.perf_counter()
         result = train(self.data_uri, None, config, "gpu-check")
@@ -287,6 +288,21 @@ class RayParts:
         log.info("train: %s", row)
         return [row]
 
+    def eval_pairs(self, count: int) -> str:
+        """The first ``count`` synthesised crops as an eval set of pairs (lr/ and hr/ PNGs)."""
+        import pyarrow.parquet as pq
+
+        from pipelines.dataset import open_dataset
+
+        folder = self.root / f"eval_{count}"
+        rows = pq.read_table(open_dataset(self.data_uri).shard_paths, columns=["id", "lr_png", "hr_png"])
+        for row in rows.slice(0, count).to_pylist():
+            name = row["id"].replace("/", "_").replace("#", "_") + ".png"
+            for side in ("lr", "hr"):
+                (folder / side).mkdir(parents=True, exist_ok=True)
+                (folder / side / name).write_bytes(row[f"{side}_png"])
+        return str(folder)
+
     def evaluate(self) -> list[dict[str, Any]]:
         from pipelines.eval_set import open_eval_set
         from pipelines.evaluate import evaluate
@@ -297,7 +313,7 @@ class RayParts:
         config = self.config("evaluate.side_by_side=0",
                              f"evaluate.actor_gpus={1 if self.check.cuda else 0}")
         model = ModelRef(uri=str(self.checkpoint), load_uri=str(self.checkpoint))
-        eval_set = open_eval_set(self.data_uri)
+        eval_set = open_eval_set(self.eval_pairs(4 if self.check.tiny else 64))
         started = time.perf_counter()
         result = evaluate(model, eval_set, config, str(self.root / "evaluation.parquet"))
         seconds = time.perf_counter() - started

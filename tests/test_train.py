@@ -108,8 +108,7 @@ def test_train_aux_end_to_end(workspace, aux_run):
     torch.manual_seed(config.aux_train.seed)
     initial = build_aux_net(config.aux)
     trained = build_aux_net(config.aux)
-    trained.load_state_dict({name.removeprefix("net."): tensor
-                             for name, tensor in load_file(str(folder / "model.safetensors")).items()})
+    trained.load_state_dict(load_file(str(folder / "model.safetensors")))
     with torch.no_grad():
         before = torch.mean(torch.abs(initial(lr) - hr)).item()
         after = torch.mean(torch.abs(trained(lr) - hr)).item()
