@@ -120,7 +120,13 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage_settings: St
         raise UserError(f"{uri} holds no rows to train on")
     log.info("%s: %d source photos for training, %d held out for validation", uri, len(train_sources),
              len(val_sources))
-    rows = ray.data.read_parquet(dataset.shard_paths, filesystem=fs).select_columns(["source", "hr_png", "lr_png"])
+    # Epochs are shuffled by reading the shards in a new order each time (files, then rows in the
+    # workers' local shuffle buffer), so decoding streams: a block shuffle after the decode would
+    # be an all-to-all that holds each epoch's first batch until the whole epoch is decoded.
+    file_order_seed = derive_seed(settings.split_seed, "file-order") if settings.deterministic else None
+    rows = ray.data.read_parquet(dataset.shard_paths, filesystem=fs,
+                                 shuffle=ray.data.FileShuffleConfig(seed=file_order_seed)
+                                 ).select_columns(["source", "hr_png", "lr_png"])
     # Datasets derived from ``rows`` inherit its context: materialize() keeps the read order too.
     rows.context.execution_options.preserve_order = settings.deterministic
     synth = dataset.manifest["config"]["synth"]
@@ -129,9 +135,10 @@ def open_training_data(uri: str, settings: TrainDataConfig, storage_settings: St
     train = rows.map_batches(decode_pairs, fn_kwargs={"keep": set(train_sources), **crop_sizes},
                              batch_format="numpy")
     if settings.materialize:
-        train = train.materialize()
-    block_order_seed = derive_seed(settings.split_seed, "block-order") if settings.deterministic else None
-    return TrainingData(dataset, train.randomize_block_order(seed=block_order_seed), train_sources, val_sources,
+        # Decoded once, so its blocks are reordered instead (no decode to wait for).
+        block_order_seed = derive_seed(settings.split_seed, "block-order") if settings.deterministic else None
+        train = train.materialize().randomize_block_order(seed=block_order_seed)
+    return TrainingData(dataset, train, train_sources, val_sources,
                         train_rows, crop_sizes, settings,
                         storage.locate(settings.val_photos, storage_settings) if settings.val_photos else None)
 
