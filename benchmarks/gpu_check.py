@@ -224,9 +224,6 @@ class RayParts:
             init_ray(self.config().ray)
 
     def synth(self) -> list[dict[str, Any]]:
-        import pyarrow.parquet as pq
-
-        from pipelines.dataset import open_dataset
         from pipelines.synth import synthesize
 
         self.start()
@@ -238,10 +235,10 @@ class RayParts:
         for name, overrides in modes:
             out = self.root / f"crops_{len(rows)}"
             started = time.perf_counter()
-            synthesize(str(self.photos), str(out), self.config(f"synth.crops_per_image={crops}", *overrides))
+            manifest = synthesize(str(self.photos), str(out),
+                                  self.config(f"synth.crops_per_image={crops}", *overrides))
             seconds = time.perf_counter() - started
-            dataset = open_dataset(str(out))
-            count = sum(pq.read_metadata(path).num_rows for path in dataset.shard_paths)
+            count = manifest["counts"]["rows"]
             rows.append({"actors": name, "crops": count, "seconds": seconds, "crops_per_s": count / seconds})
             log.info("synth: %s", rows[-1])
             self.data_uri = self.data_uri or str(out)

@@ -148,8 +148,8 @@ class TrainConfig:
     """Ray Train settings of ``upsr train`` (the diffusion); defaults are the paper's values.
 
     ``batch_size`` is per worker and micro-batch: the global batch is ``batch_size * num_workers *
-    grad_accum_steps`` (paper: 16 x 2 GPUs x 1). Steps count iterations, skipped non-finite ones included, so the learning
-    rate schedule is a function of the step alone.
+    grad_accum_steps`` (paper: 16 x 2 GPUs x 1). Steps count iterations, skipped non-finite ones
+    included, so the learning rate schedule is a function of the step alone.
     """
 
     steps: int = 200_000

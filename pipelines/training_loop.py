@@ -499,8 +499,8 @@ def fit(job: TrainingJob, config: Config, data_uri: str, run_name: str, task_opt
     train_rows = data.train_rows
     if train_rows < global_batch:
         raise UserError(f"{data_uri}: the train split has {train_rows} rows, fewer than one global batch of "
-                        f"{global_batch} ({settings.num_workers} workers x {settings.batch_size} x {settings.grad_accum_steps} "
-                        "accumulated)")
+                        f"{global_batch} ({settings.num_workers} workers x {settings.batch_size} x "
+                        f"{settings.grad_accum_steps} accumulated)")
     val_pairs = data.validation_pairs(settings.val_batches, settings.batch_size)
     if settings.plateau.metric and not val_pairs:
         raise UserError(f"{job.section}.plateau.metric is set but {data_uri} holds out nothing to validate on "

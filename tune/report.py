@@ -368,7 +368,8 @@ def markdown(parent, base: Config, search: TuneConfig, group_by: str, groups: li
         "",
         f"- Training: {train.steps} steps per trial, global batch {example.get('global_batch_size', '?')} "
         f"({train.num_workers} worker(s) x {train.batch_size}"
-        f"{f' x {train.grad_accum_steps} accumulated' if train.grad_accum_steps > 1 else ''}), AdamW lr {train.lr:g}, warm-up {train.warmup_steps}, "
+        f"{f' x {train.grad_accum_steps} accumulated' if train.grad_accum_steps > 1 else ''}), "
+        f"AdamW lr {train.lr:g}, warm-up {train.warmup_steps}, "
         f"EMA {train.ema_decay}; loss MSE + {base.loss.lpips_weight:g} x LPIPS. Also searched: {searched}.",
         f"- Data: {counts.get('rows', '?')} crops of {synth.get('crop_size', '?')}² from "
         f"{counts.get('files_processed', '?')} photographs, split by photograph: "
