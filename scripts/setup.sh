@@ -9,7 +9,8 @@ VENV=.venv
 STAMP=$VENV/.installed-pins
 
 pins_hash() {
-    cat pyproject.toml requirements/lock.txt requirements/build-constraints.txt | sha256sum | cut -d' ' -f1
+    cat pyproject.toml requirements/lock.txt requirements/build-constraints.txt requirements/no-deps.txt \
+        | sha256sum | cut -d' ' -f1
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -28,5 +29,8 @@ echo "setup: installing pinned dependencies into $VENV (first run takes several 
 PIP_BUILD_CONSTRAINT="$PWD/requirements/build-constraints.txt" \
     "$VENV/bin/python" -m pip install --quiet \
     -c requirements/lock.txt -e ".[dev]"
+# pyiqa without its dependency list (which pulls transformers, datasets, bitsandbytes, ...):
+# requirements/no-deps.txt says why; what its metrics import came with the project above.
+"$VENV/bin/python" -m pip install --quiet --no-deps -c requirements/lock.txt -r requirements/no-deps.txt
 pins_hash > "$STAMP"
 echo "setup: done"
