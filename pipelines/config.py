@@ -296,17 +296,33 @@ class MlflowConfig:
 
 
 @dataclass(config=SECTION)
-class EvaluateConfig:
+class ActorPoolConfig:
+    """A Ray Data actor pool of model replicas, each loading the model once."""
+
+    num_actors: int = 1
+    actor_cpus: float = 1.0
+    # GPUs per actor; None: 1 when the Ray cluster has GPUs when the job starts, else 0 (CPU).
+    actor_gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.actor_cpus < 0 or (self.actor_gpus or 0) < 0:
+            raise ValueError("actor_cpus and actor_gpus must be >= 0")
+
+
+@dataclass(config=SECTION)
+class UpscaleConfig(ActorPoolConfig):
+    """``upsr upscale`` of a folder or prefix: its images go through this actor pool."""
+
+
+@dataclass(config=SECTION)
+class EvaluateConfig(ActorPoolConfig):
     """``upsr evaluate``: batch inference over an eval set in a Ray Data actor pool."""
 
     # Images per actor call; each image is still sampled with its own seed, so results do not
     # depend on how images are batched.
     batch_size: int = 4
-    # Model replicas (actors), each loading the model once.
-    num_actors: int = 1
-    actor_cpus: float = 1.0
-    # GPUs per actor; None: 1 when the Ray cluster has GPUs when the job starts, else 0 (CPU).
-    actor_gpus: float | None = None
     # Side-by-side images (LR bicubic | SR | HR) logged to MLflow: the first ones by id.
     side_by_side: int = 4
     # NIQE (no reference) on SR images of at least 192x192: numpy on the actor's CPU, about
@@ -317,11 +333,11 @@ class EvaluateConfig:
     output_dir: str = "runs/evaluations"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.actor_cpus < 0 or (self.actor_gpus or 0) < 0 or self.side_by_side < 0:
-            raise ValueError("actor_cpus, actor_gpus and side_by_side must be >= 0")
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.side_by_side < 0:
+            raise ValueError(f"side_by_side must be >= 0, got {self.side_by_side}")
 
 
 @dataclass(config=SECTION)
@@ -365,6 +381,7 @@ class Config:
     train_data: TrainDataConfig = field(default_factory=TrainDataConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def __post_init__(self) -> None:

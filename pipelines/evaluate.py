@@ -45,7 +45,7 @@ from pipelines import config as config_module
 from pipelines import registry, storage, tracking
 from pipelines.entry import run_job
 from pipelines.errors import UserError, caused_by_interrupt, last_line
-from pipelines.config import Config, EvaluateConfig
+from pipelines.config import Config
 from pipelines.eval_actor import EvaluateImages
 from pipelines.eval_contract import (
     ACTOR_SCHEMA,
@@ -65,7 +65,7 @@ from pipelines.eval_contract import (
     table_content_hash,
 )
 from pipelines.eval_set import EvalSet, open_eval_set
-from pipelines.ray_env import init_ray, require_shared
+from pipelines.ray_env import actor_pool_gpus, init_ray, require_shared
 from pipelines.synth import add_config_arguments
 from upsr.config_loader import to_dict
 
@@ -110,7 +110,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     settings = settings_hash(config, lpips)
     init_ray(config.ray)
     require_shared(config.ray, {"mlflow.tracking_uri": tracking.tracking_uri(config.mlflow)})
-    gpus = actor_gpus(config.evaluate)
+    gpus = actor_pool_gpus(config.evaluate, "evaluate")
     mlflow_client = tracking.client(config.mlflow)
     with tracking.run_ended_unless_done(lambda: create_run(mlflow_client, config, model, eval_set, lpips, settings),
                                         mlflow_client) as run_id:
@@ -173,28 +173,6 @@ def log_inputs(mlflow_client, run_id: str, config: Config, model: registry.Model
         from mlflow.entities import LoggedModelInput
 
         mlflow_client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
-
-
-def actor_gpus(settings: EvaluateConfig) -> float:
-    """``evaluate.actor_gpus``, or when unset one GPU per actor if the cluster has GPUs now.
-
-    Refuses a pool that not even one actor fits in; warns when fewer than asked fit now.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = settings.actor_gpus if settings.actor_gpus is not None else float(resources.get("GPU", 0) >= 1)
-    fits = int(resources.get("CPU", 0) // settings.actor_cpus) if settings.actor_cpus else settings.num_actors
-    if gpus:
-        fits = min(fits, int(resources.get("GPU", 0) // gpus))
-    if fits < 1:
-        raise UserError(f"the Ray cluster has no room for one evaluation actor ({settings.actor_cpus} CPU, "
-                        f"{gpus} GPU): {resources}")
-    if fits < settings.num_actors:
-        log.warning("the Ray cluster holds %d of the %d evaluation actors asked for now; Ray Data waits for the "
-                    "rest (an autoscaling cluster adds nodes; a fixed one needs a lower evaluate.num_actors)",
-                    fits, settings.num_actors)
-    return gpus
 
 
 def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import ray
 import ray.data
 
-from pipelines.config import RayConfig
+from pipelines.config import ActorPoolConfig, RayConfig
 from pipelines.errors import UserError, interrupt_on_sigterm
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,27 @@ def init_ray(settings: RayConfig) -> None:
     else:
         ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False)
     interrupt_on_sigterm()  # ray.init's own handler would exit without unwinding
+
+
+def actor_pool_gpus(settings: ActorPoolConfig, section: str) -> float:
+    """GPUs per actor of the pool of config ``section``: its ``actor_gpus``, or when unset one
+    GPU per actor if the cluster has GPUs now.
+
+    Refuses a pool that not even one actor fits in; warns when fewer than asked fit now.
+    """
+    resources = ray.cluster_resources()
+    gpus = settings.actor_gpus if settings.actor_gpus is not None else float(resources.get("GPU", 0) >= 1)
+    fits = int(resources.get("CPU", 0) // settings.actor_cpus) if settings.actor_cpus else settings.num_actors
+    if gpus:
+        fits = min(fits, int(resources.get("GPU", 0) // gpus))
+    if fits < 1:
+        raise UserError(f"the Ray cluster has no room for one {section} actor ({section}.actor_cpus "
+                        f"{settings.actor_cpus}, {section}.actor_gpus {gpus}): {resources}")
+    if fits < settings.num_actors:
+        log.warning("the Ray cluster holds %d of the %d %s actors asked for now; Ray Data waits for the rest (an "
+                    "autoscaling cluster adds nodes; a fixed one needs a lower %s.num_actors)",
+                    fits, settings.num_actors, section, section)
+    return gpus
 
 
 def cluster_address(settings: RayConfig) -> str | None:

@@ -96,12 +96,12 @@ def read_bytes(location: Location, path: str) -> bytes:
 def write_bytes(location: Location, name: str, data: bytes) -> None:
     """Write ``name`` under the location so that readers see all of it or nothing.
 
-    S3 objects appear whole on completion; locally the bytes go to a temporary name first and
-    are renamed into place.
+    S3 objects appear whole on completion (and need no folder markers); locally the bytes go to
+    a temporary name first and are renamed into place.
     """
     target = location.join(name)
-    location.fs.create_dir(posixpath.dirname(target), recursive=True)
     if isinstance(location.fs, pafs.LocalFileSystem):
+        location.fs.create_dir(posixpath.dirname(target), recursive=True)
         temporary = f"{target}.tmp-{uuid.uuid4().hex}"
         with location.fs.open_output_stream(temporary) as stream:
             stream.write(data)

@@ -112,6 +112,13 @@ def tiled_denoise_fn(denoise: DenoiseFn, tile: int, stride: int, tile_batch: int
     return denoise_tiled
 
 
+def check_tile(config: InferenceConfig, lr_multiple: int) -> None:
+    """Inference settings fit a denoiser whose LR inputs must be a multiple of ``lr_multiple``."""
+    if config.tile % lr_multiple:
+        raise ValueError(f"inference.tile ({config.tile}) must be a multiple of {lr_multiple}: "
+                         "the denoiser's Swin windows at its coarsest level need it")
+
+
 class UPSRPipeline:
     """The deployable model: aux net, denoiser and sampler behind one ``upscale`` call."""
 
@@ -137,9 +144,7 @@ class UPSRPipeline:
 
     @inference_config.setter
     def inference_config(self, config: InferenceConfig) -> None:
-        if config.tile % self.lr_multiple:
-            raise ValueError(f"inference.tile ({config.tile}) must be a multiple of {self.lr_multiple}: "
-                             "the denoiser's Swin windows at its coarsest level need it")
+        check_tile(config, self.lr_multiple)
         self._inference_config = config
 
     @property
