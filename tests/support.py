@@ -102,3 +102,59 @@ def interrupt(process: subprocess.Popen) -> str:
     assert INTERRUPTED in stderr, stderr[-3000:]
     assert "Traceback" not in stderr.split("interrupted:")[-1], stderr[-3000:]
     return stderr
+
+
+def write_random_iqa_weights(folder: Path, names: tuple[str, ...], hf_cache: Path | None = None) -> Path:
+    """pyiqa's networks for the no-reference metrics ``names``, RANDOMLY initialised (seeded), saved
+    in ``folder`` under the file names ``upsr.no_reference_metrics`` looks for, as pyiqa stores the
+    real ones: their scores show the wiring only, they are not the paper's. NIQE's pristine model is
+    a random symmetric positive-definite Gaussian. MANIQA also needs timm's ViT-B/8 in the Hugging
+    Face cache ``hf_cache`` (which must be the cache huggingface_hub uses while MANIQA is built)."""
+    import pyiqa
+    import scipy.io
+    import torch
+
+    from upsr.no_reference_metrics import weight_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name in names:
+        files = weight_files(name, folder)
+        if name == "clipiqa":
+            from pyiqa.archs.clip_model import CLIP
+
+            # OpenAI's RN50 (pyiqa's CLIP loader reads the architecture from the shapes) as OpenAI
+            # ships it, a TorchScript archive: from a file, that loader reads nothing else.
+            clip = CLIP(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                        vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=512,
+                        transformer_heads=8, transformer_layers=12).eval()
+            tokens = torch.zeros(1, 77, dtype=torch.long)
+            torch.jit.save(torch.jit.trace_module(clip, {"encode_text": tokens}), files["backbone"])
+        elif name == "niqe":
+            rng = np.random.default_rng(0)
+            factor = rng.normal(size=(36, 36))
+            scipy.io.savemat(files["pristine_model"], {"mu_prisparam": rng.normal(size=(1, 36)),
+                                                       "cov_prisparam": factor @ factor.T / 36 + np.eye(36)})
+        else:
+            if name == "maniqa":
+                write_random_timm_weights("vit_base_patch8_224", hf_cache)
+            net = pyiqa.create_metric(name, device="cpu", pretrained=False).net
+            torch.save(net.state_dict(), files["weights"])
+    return folder
+
+
+def write_random_timm_weights(model_name: str, hf_cache: Path) -> Path:
+    """timm's ``model_name``, randomly initialised, where timm's hub loader finds its pretrained
+    weights offline: ``<hf_cache>/models--<repo>/snapshots/<revision>/model.safetensors``."""
+    import safetensors.torch
+    import timm
+
+    repo = timm.models.get_pretrained_cfg(model_name).hf_hub_id
+    folder = hf_cache / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    path = folder / "snapshots" / revision / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(timm.create_model(model_name, pretrained=False).state_dict(), path)
+    return path
