@@ -325,9 +325,18 @@ class EvaluateConfig(ActorPoolConfig):
     batch_size: int = 4
     # Side-by-side images (LR bicubic | SR | HR) logged to MLflow: the first ones by id.
     side_by_side: int = 4
-    # NIQE (no reference) on SR images of at least 192x192: numpy on the actor's CPU, about
-    # 0.05 s for 256x256 and a few seconds for a 2K image.
-    niqe: bool = True
+    # The paper's no-reference metrics, computed with pyiqa (upsr.no_reference_metrics) on the
+    # actor's device; NIQE on SR images of at least 192x192 only. One whose weights are not in
+    # iqa_weights_dir is listed as not computed, with the paths looked for; NIQE then uses
+    # basicsr's copy of its pristine-image model. MANIQA scores 20 224x224 crops with a ViT-B/8:
+    # a fraction of a second per image on a GPU, over a minute on one CPU core.
+    no_reference_metrics: tuple[Literal["clipiqa", "musiq", "maniqa", "niqe"], ...] = (
+        "clipiqa", "musiq", "maniqa", "niqe")
+    # Folder of pyiqa's weight files under pyiqa's names (RN50.pt, musiq_koniq_ckpt-e95806b9.pth,
+    # ckpt_koniq10k.pt, niqe_modelparameters.mat), e.g. a copy of a cache that pyiqa filled where
+    # it could download. None: pyiqa's own caches, <torch hub dir>/pyiqa and <torch hub dir>/clip.
+    # MANIQA also needs timm's ViT-B/8 in the Hugging Face cache, where timm keeps it.
+    iqa_weights_dir: str | None = None
     # Folder or s3:// prefix of the evaluations that get no --out (all of promote's): each in
     # <output_dir>/<time>-<model>/metrics.parquet. MLflow keeps a copy of every table anyway.
     output_dir: str = "runs/evaluations"

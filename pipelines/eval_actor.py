@@ -1,6 +1,6 @@
-"""The evaluation actor: loads the model (and LPIPS) once, then upscales and scores one image at a
-time, each with its own seed, and renders side-by-side panels. Runs in a Ray Data actor pool
-(``pipelines.evaluate.run_inference``)."""
+"""The evaluation actor: loads the model, LPIPS and the no-reference metrics once, then upscales
+and scores one image at a time, each with its own seed, and renders side-by-side panels. Runs in a
+Ray Data actor pool (``pipelines.evaluate.run_inference``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ RANDOM_LPIPS_SEED = 0
 
 
 class EvaluateImages:
-    """Actor: loads the model (and LPIPS) once, then upscales and scores one image at a time."""
+    """Actor: loads the model (and the metrics' networks) once, then upscales and scores one image at a time."""
 
     def __init__(self, model_uri: str, tracking_uri: Any, location: storage.Location, settings: dict[str, Any]):
         import dataclasses
@@ -61,6 +61,9 @@ class EvaluateImages:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_LPIPS_SEED)
                 self.lpips = build_lpips(settings["lpips_backbone"], settings["lpips"] == "random").to(self.device)
+        from upsr.no_reference_metrics import NoReferenceMetrics
+
+        self.no_reference = NoReferenceMetrics(settings["no_reference"], self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.evaluate_one(row) for row in batch.to_pylist()], schema=ACTOR_SCHEMA)
@@ -104,13 +107,12 @@ class EvaluateImages:
         return result
 
     def score(self, lr: np.ndarray, sr: np.ndarray, hr: np.ndarray | None) -> dict[str, float | None]:
-        from upsr.metrics import NIQE_MIN_SIDE, full_reference_metrics, lr_consistency, niqe
+        from upsr.metrics import full_reference_metrics, lr_consistency
 
         lr_t, sr_t = to_tensor(lr, self.device), to_tensor(sr, self.device)
         scores: dict[str, float | None] = {"lr_consistency": float(lr_consistency(sr_t, lr_t, self.metrics_config))}
-        if self.settings["niqe"] and min(sr.shape[:2]) >= NIQE_MIN_SIDE:
-            value = float(niqe(sr_t, self.metrics_config))
-            scores["niqe"] = value if math.isfinite(value) else None
+        for name, values in self.no_reference(sr_t).items():
+            scores[name] = float(values[0]) if math.isfinite(values[0]) else None  # NaN: too small or undefined
         if hr is not None:
             full = full_reference_metrics(sr_t, to_tensor(hr, self.device), self.metrics_config, self.lpips)
             scores |= {name: float(value) for name, value in full.items()}

@@ -17,27 +17,23 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.config import Config, LossConfig
+from pipelines.config import Config, EvaluateConfig, LossConfig
 from pipelines.eval_set import content_hash
 from upsr.config_loader import to_dict
+from upsr.no_reference_metrics import HIGHER_IS_BETTER, Plan, resolve
 
 
 # Bump when an image's numbers change for the same model, image and settings (a metric's
 # definition, the seeding): stored evaluations of another version are then not reused.
-METRICS_VERSION = 1
+# 2: NIQE is pyiqa's, and CLIPIQA, MUSIQ and MANIQA came.
+METRICS_VERSION = 2
 
 
 # metric -> higher is better
-METRICS = {"psnr": True, "ssim": True, "lpips": False, "lr_consistency": True, "niqe": False}
+METRICS = {"psnr": True, "ssim": True, "lpips": False, "lr_consistency": True, **HIGHER_IS_BETTER}
 
 
 FULL_REFERENCE = ("psnr", "ssim", "lpips")
-
-
-UNAVAILABLE_NO_REFERENCE = {
-    "musiq": "needs pretrained network weights, which this project neither ships nor downloads",
-    "clipiqa": "needs pretrained CLIP weights, which this project neither ships nor downloads",
-}
 
 
 RESULT_SCHEMA = pa.schema([
@@ -65,15 +61,12 @@ class LpipsSetting:
 
 def lpips_setting(loss: LossConfig) -> LpipsSetting:
     """Decided once on the driver, so every actor computes LPIPS the same way (or none does)."""
+    from upsr.checkpoint import file_sha256
     from upsr.losses import default_vgg16_path
 
     path = Path(loss.lpips_backbone) if loss.lpips_backbone else default_vgg16_path()
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return LpipsSetting("pretrained", str(path), f"VGG16 {path.name} (sha256 {digest.hexdigest()[:16]})")
+        return LpipsSetting("pretrained", str(path), f"VGG16 {path.name} (sha256 {file_sha256(path)[:16]})")
     if loss.allow_random_backbone:
         return LpipsSetting("random", None, "randomly initialised VGG16 trunk (loss.allow_random_backbone; no "
                                             "weights at " f"{path}): LPIPS values are not meaningful, only "
@@ -82,11 +75,25 @@ def lpips_setting(loss: LossConfig) -> LpipsSetting:
                                      "vgg16-397923af.pth")
 
 
-def settings_hash(config: Config, lpips: LpipsSetting) -> str:
+@dataclass
+class NoReferenceSetting:
+    """The no-reference metrics computed here, decided once on the driver as LPIPS is: the files of
+    each (``plan.files``, which the actors load), what those are, and why the others are not."""
+
+    plan: Plan
+    weights: dict[str, str]
+
+
+def no_reference_setting(settings: EvaluateConfig) -> NoReferenceSetting:
+    plan = resolve(settings.no_reference_metrics, settings.iqa_weights_dir)
+    return NoReferenceSetting(plan, plan.describe())
+
+
+def settings_hash(config: Config, lpips: LpipsSetting, no_reference: NoReferenceSetting) -> str:
     """What besides the model and the images decides an image's numbers; part of the reuse key."""
     settings = {"metrics_version": METRICS_VERSION, "metrics": to_dict(config.metrics),
                 "seed": config.inference.seed, "lpips": lpips.description if lpips.mode != "off" else "off",
-                "niqe": config.evaluate.niqe}
+                "no_reference": no_reference.weights}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -8,10 +8,11 @@ call, tiled as the model's inference config says. Every image is sampled with it
 number of actors or the layout it was read from.
 
 Per image: PSNR and SSIM (Y channel) and LPIPS against the HR image when there is one; LR
-consistency (PSNR of the SR image downscaled back to the LR size, against the LR) and NIQE,
-which need no reference; the seconds spent upscaling; the SHA-256 of the input files. An
-image that cannot be read or upscaled becomes a row with an ``error`` and makes the
-evaluation partial.
+consistency (PSNR of the SR image downscaled back to the LR size, against the LR) and the
+paper's CLIPIQA, MUSIQ, MANIQA and NIQE (pyiqa's, from local weight files:
+``upsr.no_reference_metrics``), which need no reference; the seconds spent upscaling; the
+SHA-256 of the input files. An image that cannot be read or upscaled becomes a row with an
+``error`` and makes the evaluation partial.
 
 Outputs: the per-image table (Parquet; written whole or not at all), a summary JSON beside it
 (aggregates, the model and its resolved version, the eval-set hash, what could not be
@@ -55,11 +56,12 @@ from pipelines.eval_contract import (
     METRICS_VERSION,
     PANEL_COLUMN,
     RESULT_SCHEMA,
-    UNAVAILABLE_NO_REFERENCE,
     Evaluation,
     LpipsSetting,
+    NoReferenceSetting,
     completeness_problems,
     lpips_setting,
+    no_reference_setting,
     settings_hash,
     summary_uri,
     table_content_hash,
@@ -68,6 +70,7 @@ from pipelines.eval_set import EvalSet, open_eval_set
 from pipelines.ray_env import actor_pool_gpus, init_ray, require_shared
 from pipelines.synth import add_config_arguments
 from upsr.config_loader import to_dict
+from upsr.no_reference_metrics import HIGHER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,8 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
     lpips = lpips_setting(config.loss)
     if lpips.mode == "random":
         log.warning("LPIPS: %s", lpips.description)
-    settings = settings_hash(config, lpips)
+    no_reference = no_reference_setting(config.evaluate)
+    settings = settings_hash(config, lpips, no_reference)
     init_ray(config.ray)
     require_shared(config.ray, {"mlflow.tracking_uri": tracking.tracking_uri(config.mlflow)})
     gpus = actor_pool_gpus(config.evaluate, "evaluate")
@@ -119,7 +123,7 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
                  eval_set.layout, len(eval_set.ids), tracking.run_page(config.mlflow, run_id))
         started = time.monotonic()
         try:
-            rows = run_inference(model, eval_set, config, lpips, gpus)
+            rows = run_inference(model, eval_set, config, lpips, no_reference, gpus)
         except Exception as error:  # noqa: BLE001  (whatever broke the Ray run, the evaluation failed)
             if caused_by_interrupt(error):
                 raise KeyboardInterrupt(str(error)) from error
@@ -137,8 +141,8 @@ def evaluate(model: registry.ModelRef, eval_set: EvalSet, config: Config, out_ur
         problems = completeness_problems(table, eval_set.ids)
         complete = not problems
         set_hash = table_content_hash(table) if complete else None
-        summary = build_summary(table, model, eval_set, config, lpips, settings, set_hash, problems, out_uri, run_id,
-                                time.monotonic() - started)
+        summary = build_summary(table, model, eval_set, config, lpips, no_reference, settings, set_hash, problems,
+                                out_uri, run_id, time.monotonic() - started)
         write_outputs(table, summary, out_uri, config)
         log_results(mlflow_client, run_id, model, eval_set, table, summary, panels)
         mlflow_client.set_terminated(run_id, "FINISHED" if complete else "FAILED")
@@ -176,7 +180,7 @@ def log_inputs(mlflow_client, run_id: str, config: Config, model: registry.Model
 
 
 def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,
-                  gpus: float) -> pa.Table:
+                  no_reference: NoReferenceSetting, gpus: float) -> pa.Table:
     """The actor pool over the eval set (``gpus`` per actor); one result row per image that reached an actor."""
     import mlflow
     import ray
@@ -187,7 +191,7 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
         "seed": config.inference.seed, "metrics": to_dict(config.metrics),
         # LR-only sets never need LPIPS: building its VGG costs seconds per actor.
         "lpips": lpips.mode if eval_set.has_reference else "off",
-        "lpips_backbone": lpips.backbone, "niqe": settings.niqe,
+        "lpips_backbone": lpips.backbone, "no_reference": no_reference.plan.files,
         # None: each actor's limit is what its device's free memory holds (UPSRPipeline.max_output_pixels).
         "max_output_pixels": config.inference.max_output_pixels,
         "panel_ids": list(eval_set.ids[:settings.side_by_side]), "threads": max(1, math.ceil(settings.actor_cpus)),
@@ -222,8 +226,8 @@ def model_summary(model: registry.ModelRef) -> dict[str, Any]:
 
 
 def build_summary(table: pa.Table, model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,
-                  settings: str, set_hash: str | None, problems: list[str], out_uri: str, run_id: str,
-                  seconds: float) -> dict[str, Any]:
+                  no_reference: NoReferenceSetting, settings: str, set_hash: str | None, problems: list[str],
+                  out_uri: str, run_id: str, seconds: float) -> dict[str, Any]:
     computed = aggregates(table)
     images = len(eval_set.ids)
     not_computed: dict[str, str] = {}
@@ -231,12 +235,14 @@ def build_summary(table: pa.Table, model: registry.ModelRef, eval_set: EvalSet, 
         not_computed |= {name: "needs an HR reference; the eval set has LR images only" for name in FULL_REFERENCE}
     elif lpips.mode == "off":
         not_computed["lpips"] = lpips.description
-    if not config.evaluate.niqe:
-        not_computed["niqe"] = "evaluate.niqe is false"
-    elif computed.get("niqe", {}).get("count", 0) < images:
-        not_computed["niqe"] = (f"{images - computed.get('niqe', {}).get('count', 0)} of {images} images have none: "
-                                "NIQE needs SR images of at least 192x192 and is undefined for flat images")
-    not_computed |= UNAVAILABLE_NO_REFERENCE
+    not_computed |= no_reference.plan.not_computed
+    for name in no_reference.plan.files:
+        missing = images - computed.get(name, {}).get("count", 0)
+        if missing:
+            not_computed[name] = f"{missing} of {images} images have none" + (
+                ": NIQE needs SR images of at least 192x192 and is undefined for flat images" if name == "niqe" else "")
+    not_computed |= {name: "not in evaluate.no_reference_metrics" for name in HIGHER_IS_BETTER
+                     if name not in config.evaluate.no_reference_metrics}
     upscale_seconds = [s for s in table["seconds"].to_pylist() if s is not None]
     return {
         "complete": not problems,
@@ -248,6 +254,7 @@ def build_summary(table: pa.Table, model: registry.ModelRef, eval_set: EvalSet, 
         "metrics": computed,
         "not_computed": not_computed,
         "lpips": lpips.description if lpips.mode != "off" and eval_set.has_reference else None,
+        "no_reference_weights": no_reference.weights,
         "settings": {"seed": config.inference.seed, "metrics": to_dict(config.metrics),
                      "metrics_version": METRICS_VERSION, "hash": settings,
                      "per_image_seed": "derive_seed(inference.seed, 'evaluate', id)"},
@@ -318,6 +325,8 @@ def report(summary: dict[str, Any], problems: list[str], out_uri: str, run_page:
     lines += [f"  not computed: {name}: {why}" for name, why in summary["not_computed"].items()]
     if summary["lpips"] and "lpips" in summary["metrics"]:
         lines.append(f"  lpips computed with: {summary['lpips']}")
+    lines += [f"  {name} computed with: {weights}" for name, weights in summary["no_reference_weights"].items()
+              if name in summary["metrics"]]
     log.info("evaluation of %s on %s (%d images, eval-set hash %s):\n%s\n  table: %s\n  summary: %s\n"
              "  MLflow run: %s", summary["model"]["loaded"], summary["eval_set"]["uri"], summary["eval_set"]["images"],
              summary["eval_set"]["hash"] or "none (incomplete)", "\n".join(lines), out_uri, summary_uri(out_uri),

@@ -46,6 +46,7 @@ from pipelines.eval_contract import (
     Evaluation,
     completeness_problems,
     lpips_setting,
+    no_reference_setting,
     settings_hash,
     table_content_hash,
 )
@@ -165,7 +166,7 @@ def check_primary_metric(eval_set: EvalSet, config: Config) -> None:
 
 def evaluation_of(model: registry.ModelRef, eval_set: EvalSet, set_hash: str, config: Config) -> Evaluation:
     """A stored complete evaluation of this version on this content and settings, else a fresh one."""
-    settings = settings_hash(config, lpips_setting(config.loss))
+    settings = settings_hash(config, lpips_setting(config.loss), no_reference_setting(config.evaluate))
     run_id = tracking.find_evaluation(config.mlflow, model, set_hash, settings)
     if run_id:
         table = tracking.load_evaluation_table(config.mlflow, run_id)

@@ -1,7 +1,8 @@
 """`upsr evaluate`: eval-set layouts, and batch evaluation on real Ray (2 CPUs) with MLflow on SQLite.
 
 The model is the tiny one of configs/tiny.yaml with a randomised output conv; LPIPS runs on a
-randomly initialised VGG trunk (no downloads here), so its values only show the wiring.
+randomly initialised VGG trunk (no downloads here), and MUSIQ, where a test gives it weights, on
+RANDOM weights (tests.support.write_random_iqa_weights): their values only show the wiring.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipelines.eval_set import DATASET, LR_ONLY, PAIRS, open_eval_set
 from pipelines.evaluate import METRICS, summary_uri
 from pipelines.images import encode_png
 from pipelines.registry import ModelRef
-from tests.support import encode, photo
+from tests.support import encode, photo, write_random_iqa_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -227,8 +228,10 @@ def test_lr_only_set_gets_no_reference_metrics_and_a_corrupt_file_makes_it_parti
     write_image(folder / "tiled.png", photo(72, 80, 4))  # above the tiny config's 64-pixel tile: tiled
     (folder / "truncated.png").write_bytes(encode(photo(16, 16, 6), "PNG")[:60])
     out = workspace["root"] / "lr_only.parquet"
+    # RANDOM MUSIQ weights (not the paper's): MUSIQ is computed, CLIPIQA and MANIQA have no weights.
+    weights = write_random_iqa_weights(workspace["root"] / "iqa", ("musiq",))
     config_file = workspace["root"] / "evaluate.yaml"
-    config_file.write_text(config_module.to_yaml(workspace["config"]()))
+    config_file.write_text(config_module.to_yaml(workspace["config"](f"evaluate.iqa_weights_dir={weights}")))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     status = run(parser.parse_args(["--model", model.uri, "--data", str(folder), "--out", str(out),
@@ -242,6 +245,7 @@ def test_lr_only_set_gets_no_reference_metrics_and_a_corrupt_file_makes_it_parti
         assert row["error"] is None
         assert row["psnr"] is row["ssim"] is row["lpips"] is row["hr_sha256"] is None
         assert 10 < row["lr_consistency"] < 100
+        assert np.isfinite(row["musiq"]) and row["clipiqa"] is row["maniqa"] is None
     assert rows["small"]["niqe"] is None  # a 112x80 SR image is below NIQE's 192 pixels
     assert np.isfinite(rows["tiled"]["niqe"])
     assert "truncated" in rows["truncated"]["error"] or "decodable" in rows["truncated"]["error"]
@@ -250,10 +254,16 @@ def test_lr_only_set_gets_no_reference_metrics_and_a_corrupt_file_makes_it_parti
     summary = json.loads(Path(summary_uri(str(out))).read_text())
     assert not summary["complete"] and summary["failed_images"] == 1 and summary["eval_set"]["hash"] is None
     assert summary["eval_set"]["with_reference"] is False
-    assert set(summary["metrics"]) == {"lr_consistency", "niqe"} and summary["metrics"]["niqe"]["count"] == 1
+    assert set(summary["metrics"]) == {"lr_consistency", "niqe", "musiq"}
+    assert summary["metrics"]["niqe"]["count"] == 1
+    assert summary["metrics"]["musiq"]["count"] == 2 and summary["metrics"]["niqe"]["higher_is_better"] is False
     assert all("HR reference" in summary["not_computed"][name] for name in ("psnr", "ssim", "lpips"))
-    assert "pretrained" in summary["not_computed"]["musiq"]
+    assert summary["not_computed"]["clipiqa"] == f"weights not found at {weights / 'RN50.pt'}"
+    assert summary["not_computed"]["maniqa"].startswith(f"weights not found at {weights / 'ckpt_koniq10k.pt'}")
+    assert "musiq_koniq_ckpt-e95806b9.pth (sha256 " in summary["no_reference_weights"]["musiq"]
+    assert "basicsr" in summary["no_reference_weights"]["niqe"]  # no niqe_modelparameters.mat there
     run_info = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run_info.info.status == "FAILED" and run_info.data.tags["upsr.eval.complete"] == "false"
     assert "upsr.eval.set_hash" not in run_info.data.tags  # never found as a reusable evaluation
+    assert run_info.data.metrics["musiq_mean"] == pytest.approx(summary["metrics"]["musiq"]["mean"])
     assert any("1 image(s) failed: truncated" in record.getMessage() for record in caplog.records)

@@ -132,19 +132,3 @@ def test_lr_consistency_is_perfect_for_an_sr_image_that_degrades_back_to_its_lr(
     assert torch.allclose(lr_consistency(sr, lr), torch.full((2,), 80.0, dtype=torch.float64), atol=0.5)
     noisy = (sr + 0.1 * torch.randn_like(sr)).clamp(0, 1)
     assert (lr_consistency(noisy, lr) < 40).all()
-
-
-def test_niqe_is_basicsrs_on_the_rgb_image_nan_when_flat_and_refuses_small_images():
-    import numpy as np
-    from basicsr.metrics.niqe import calculate_niqe
-
-    from tests.support import photo
-    from upsr.metrics import niqe
-
-    image = photo(192, 224, 3)
-    sr = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    expected = calculate_niqe(image[..., ::-1], crop_border=0)  # basicsr reads OpenCV's BGR order
-    scores = niqe(torch.cat([sr, torch.full_like(sr, 0.5)]))
-    assert scores[0].item() == pytest.approx(expected, rel=1e-6) and np.isnan(scores[1].item())
-    with pytest.raises(ValueError, match="at least 192x192"):
-        niqe(sr[..., :191, :])

@@ -82,3 +82,11 @@ def test_niqe_without_its_file_uses_basicsrs_pristine_model_nan_when_flat_or_sma
     assert math.isnan(scores[1].item())
     assert math.isnan(niqe(as_batch(image)[..., :191, :])["niqe"].item())
 
+
+def test_an_unknown_metric_is_a_config_error_naming_the_key():
+    from pipelines import config as config_module
+    from upsr.config_loader import ConfigError
+
+    assert config_module.load(None, []).evaluate.no_reference_metrics == NAMES
+    with pytest.raises(ConfigError, match=r"evaluate\.no_reference_metrics\[1\]: 'brisque' is not one of"):
+        config_module.load(None, ["evaluate.no_reference_metrics=[musiq, brisque]"])

@@ -1,20 +1,17 @@
-"""Full-reference metrics: PSNR and SSIM on the Y channel (basicsr's), and LPIPS; and the
-no-reference ones that need no download: LR consistency and NIQE.
+"""Full-reference metrics: PSNR and SSIM on the Y channel (basicsr's), and LPIPS; and LR
+consistency, which needs no reference. The paper's no-reference metrics (CLIPIQA, MUSIQ, MANIQA,
+NIQE) are pyiqa's: ``upsr.no_reference_metrics``.
 
 Images are float tensors (B, 3, H, W) in [0, 1], compared without 8-bit quantisation.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import basicsr_compat  # noqa: F401  (must precede basicsr)
-from basicsr.metrics.niqe import calculate_niqe
 from basicsr.metrics.psnr_ssim import calculate_psnr_pt, calculate_ssim_pt
 
 from upsr.config import MetricsConfig
@@ -68,32 +65,3 @@ def lr_consistency(sr: torch.Tensor, lr: torch.Tensor, config: MetricsConfig = M
         raise ValueError(f"expected (B, 3, H, W) SR and LR batches, got {tuple(sr.shape)} and {tuple(lr.shape)}")
     down = F.interpolate(sr.clamp(0, 1), size=lr.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
     return psnr(down.clamp(0, 1), lr, config)
-
-
-# NIQE splits the image into 96x96 blocks and fits a covariance over their features: with
-# fewer than 2x2 blocks the fit is degenerate (numpy's SVD fails on 128x128 images).
-NIQE_MIN_SIDE = 192
-
-
-def niqe(sr: torch.Tensor, config: MetricsConfig = MetricsConfig()) -> torch.Tensor:
-    """Per-image NIQE (no reference; lower is better) on the Y channel, shape (B,).
-
-    basicsr's re-implementation of the MATLAB reference with the pristine-image model that
-    basicsr ships (no download). Images with a side below ``NIQE_MIN_SIDE`` raise ValueError;
-    NIQE is undefined for flat images (no texture statistics to fit): NaN for those.
-    """
-    if sr.dim() != 4 or min(sr.shape[-2:]) < NIQE_MIN_SIDE:
-        raise ValueError(f"NIQE needs (B, 3, H, W) images of at least {NIQE_MIN_SIDE}x{NIQE_MIN_SIDE}, "
-                         f"got {tuple(sr.shape)}")
-    images = (sr.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).cpu().numpy()
-    scores = []
-    for image in images:
-        # Flat images make empty slices and zero variances inside basicsr's fit: the NaN says it.
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            try:
-                # calculate_niqe expects BGR (OpenCV order) HxWx3 in [0, 255].
-                scores.append(calculate_niqe(image[..., ::-1], crop_border=config.crop_border))
-            except np.linalg.LinAlgError:
-                scores.append(float("nan"))
-    return torch.tensor(scores, dtype=torch.float64)
