@@ -11,7 +11,9 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from importlib import metadata
+from pathlib import Path
 
 from pipelines.entry import add_log_level, execute
 
@@ -28,6 +30,7 @@ HARMLESS_RAY_LINES = "|".join([
     "Progress bars disabled", "Checkpoint successfully created", "Reporting training result",
     "Wrapping provided model", "Setting up process group", "Requesting resources",
     r"[Ss]tart(ed)? training worker group", "mlflow.system_metrics.system_metrics_monitor",
+    r"world_rank=\d+, local_rank=\d+", "has constructor arguments in the object store",
 ])
 
 # subcommand -> (module defining add_arguments(parser) and run(args), summary). Only the chosen
@@ -73,11 +76,24 @@ def build_parser(job: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' routine output out of the console (--verbose brings it back); read
+    when Ray, Ray Data and MLflow are imported (with the job's module), hence set before."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS_RAY_LINES)
+    # Ray Data's per-dataset plan/start/finish lines on this process: to ray-data.log only.
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    # MLflow's INFO lines (database set-up, model validation) and artifact-download bars; the
+    # jobs log what they register and where.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Raised inside Ray Train's own state export on every run; nothing of ours to change.
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--verbose" not in argv:
-        # Read by Ray when it is imported (with the job's module, below), hence set here.
-        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", HARMLESS_RAY_LINES)
+        quiet_libraries()
     job = next((a for a in argv if a in JOBS), None)
     args = build_parser(job).parse_args(argv)
     return execute(args.run, args, args.load_config)

@@ -18,12 +18,13 @@ from upsr.config_loader import ConfigError
 log = logging.getLogger("upsr")
 
 
-def progress_bar(total: int, description: str, unit: str):
-    """A tqdm bar on stderr: live on a terminal; elsewhere (``ray job logs``, CI, a pipe) each
-    redraw is a new line, so at most one every 30 s."""
+def progress_bar(total: int, description: str, unit: str, iterable=None):
+    """A tqdm bar on stderr (over ``iterable`` if given): live on a terminal; elsewhere (``ray
+    job logs``, CI, a pipe) each redraw is a new line, so at most one every 30 s."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, mininterval=0.1 if sys.stderr.isatty() else 30)
+    return tqdm(iterable, total=total, desc=description, unit=unit,
+                mininterval=0.1 if sys.stderr.isatty() else 30)
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.config import IMAGE_EXTENSIONS, StorageConfig
 from pipelines.dataset import MANIFEST, IncompleteDataset, open_dataset
+from pipelines.entry import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class EvalSet:
 
     def content_hash(self) -> str:
         """The content hash (module docstring), reading every image once on this process."""
-        digests = [(image_id, sha256(lr), sha256(hr) if hr is not None else None)
-                   for image_id, lr, hr in tqdm(self.read(), total=len(self.ids), desc="hash eval set", unit="image")]
+        images = progress_bar(len(self.ids), "hash eval set", "image", self.read())
+        digests = [(image_id, sha256(lr), sha256(hr) if hr is not None else None) for image_id, lr, hr in images]
         return content_hash(digests)
 
     def ray_dataset(self):

@@ -167,8 +167,8 @@ def validation_batches(pairs: list[dict[str, np.ndarray]],
     """``TrainingData.validation_pairs`` as ``(lr, hr)`` float batches on ``device``."""
     import torch
 
-    return [to_images({name: torch.from_numpy(images) for name, images in batch.items()}, device)
-            for batch in pairs]
+    # torch.tensor copies: the arrays come read-only from the object store.
+    return [to_images({name: torch.tensor(images) for name, images in batch.items()}, device) for batch in pairs]
 
 
 def augment(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

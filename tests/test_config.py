@@ -179,13 +179,25 @@ def test_allow_local_is_the_config_key_on_every_job_command(capsys):
 
 def test_verbose_brings_back_ray_data_progress_bars_and_the_harmless_ray_warnings(capsys, monkeypatch):
     import os
+    import subprocess
+    import sys
 
     from cli.main import HARMLESS_RAY_LINES, main
 
-    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    quieting = ("RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_DATA_LOGGING_CONFIG", "MLFLOW_LOGGING_LEVEL",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    for name in quieting:
+        monkeypatch.delenv(name, raising=False)
     assert main(["train", "--data", "x", "--verbose", "--print-config"]) == 0
     assert "data_progress_bars: true" in capsys.readouterr().out
-    assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in os.environ
+    assert not [name for name in quieting if name in os.environ]
     assert main(["train", "--data", "x", "--print-config"]) == 0
     assert "data_progress_bars: false" in capsys.readouterr().out
     assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == HARMLESS_RAY_LINES
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    # Ray Data configured from that file: its INFO lines reach only its log file, warnings the console too.
+    levels = subprocess.run(
+        [sys.executable, "-c", "import logging, ray.data; "
+                               "print(sorted(h.level for h in logging.getLogger('ray.data').handlers))"],
+        capture_output=True, text=True, check=True, env=os.environ).stdout
+    assert levels.strip() == "[0, 30]", levels
