@@ -5,7 +5,7 @@ authentication), an MLflow tracking server (SQLite, artifacts proxied to S3) and
 (moto). Every job then goes through the real ``ray job submit`` CLI with ``--working-dir .``,
 exactly as on a cluster: synth (sample photographs -> ``s3://.../data``), train (2 Ray Train
 workers, checkpoints on ``s3://.../runs``, the aux net's weights read from the bucket; train-aux
-runs through the same fit, tracking and checkpoint code), evaluate and promote. The test checks
+runs through the same fit, tracking and checkpoint code), evaluate and promote; then a second training job is stopped with ``ray job stop``. The test checks
 what each job left in the bucket and on the MLflow server, that the AWS secret reached the
 jobs only through the head's process environment (never logs, job metadata, MLflow params or
 tags, written configs), and that ``stack.sh stop`` ends every process the stack started and
@@ -104,13 +104,16 @@ class Stack:
                              "upsr", *args)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
 
+    def info(self, job_id: str) -> dict:
+        status, body = self.api(f"/api/jobs/{job_id}")
+        assert status == 200, body
+        return json.loads(body)
+
     def wait(self, job_id: str, timeout: float = 420) -> dict:
         """The job's final info (SUCCEEDED, FAILED or STOPPED)."""
         deadline = time.monotonic() + timeout
         while True:
-            status, body = self.api(f"/api/jobs/{job_id}")
-            assert status == 200, body
-            info = json.loads(body)
+            info = self.info(job_id)
             if info["status"] in TERMINAL:
                 break
             assert time.monotonic() < deadline, f"{job_id} still {info['status']} after {timeout} s"
@@ -154,34 +157,6 @@ def s3_keys(endpoint: str) -> dict[str, bytes | None]:
 
 
 @pytest.mark.slow
-def test_ray_job_stop_of_a_synth_leaves_no_finished_dataset_and_a_rerun_works(stack):
-    import boto3
-
-    output = f"s3://{BUCKET}/stopped"
-    client = boto3.client("s3", endpoint_url=stack.exports["AWS_ENDPOINT_URL_S3"])
-
-    def keys() -> set[str]:
-        return {item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="stopped/").get("Contents", [])}
-
-    # 400 crops per photograph (the last --set wins): each of the nine files is a block of its own,
-    # written as soon as it is degraded, so the first shard appears long before the last file is
-    # done (about a minute on two cores), and the stop below lands in the middle.
-    stack.start("it-stop-synth", "synth", "--output", output, *CONFIG, "--set", "synth.crops_per_image=400")
-    deadline = time.monotonic() + 300
-    while not any(re.fullmatch(r"stopped/part-[\w-]+\.parquet", key) for key in keys()):
-        assert time.monotonic() < deadline, "the synth job wrote no shard within 300 s"
-        time.sleep(0.2)
-    stopped = stack.ray("job", "stop", "--address", stack.dashboard, "it-stop-synth")
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert stack.wait("it-stop-synth")["status"] == "STOPPED"
-    assert "stopped/_synth.json" in keys() and "stopped/_manifest.json" not in keys()
-    logs = stack.ray("job", "logs", "--address", stack.dashboard, "it-stop-synth").stdout
-    assert "interrupted: nothing unfinished was marked finished" in logs, logs[-3000:]
-    stack.submit("it-stop-synth-rerun", "synth", "--output", output, *CONFIG, "--overwrite")
-    assert "stopped/_manifest.json" in keys()
-
-
-@pytest.mark.slow
 def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local):
     import ray
 
@@ -206,6 +181,8 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
     stack.submit("it-evaluate", "evaluate", "--model", "models:/upsr@challenger", "--data", data,
                  "--out", evaluation, *CONFIG)
     stack.submit("it-promote", "promote", "--candidate", "models:/upsr@challenger", "--eval", data, *CONFIG)
+    client = MlflowClient(tracking_uri=exports["MLFLOW_TRACKING_URI"])
+    stop_a_training_job(stack, client, data, aux_weights, runs)
 
     # The working directory went up without the virtualenv and the ignored runs/ folder (100+ MB).
     packages = list(Path(stack.state["ray_temp_dir"]).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
@@ -224,7 +201,6 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
                 f"runs/upsr/checkpoint_{step:08d}/upsr/weights.safetensors"} <= set(keys)
     assert {"evaluations/challenger/metrics.parquet", "evaluations/challenger/metrics.summary.json"} <= set(keys)
 
-    client = MlflowClient(tracking_uri=exports["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("upsr")
     runs_by_name = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
     run = runs_by_name["upsr"]
@@ -254,8 +230,7 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
     job_ids = ("it-synth", "it-train", "it-evaluate", "it-promote")
     listing = stack.ray("job", "list", "--address", stack.dashboard)
     assert listing.returncode == 0 and all(job_id in listing.stdout for job_id in job_ids)
-    # ...and the stop test's rerun, which ran before.
-    assert listing.stdout.count("status=<JobStatus.SUCCEEDED") == len(job_ids) + 1
+    assert listing.stdout.count("status=<JobStatus.SUCCEEDED") == len(job_ids)
     texts = {"ray job list": listing.stdout + listing.stderr, "job API": stack.api("/api/jobs/")[1]}
     for job_id in job_ids:
         logs = stack.ray("job", "logs", "--address", stack.dashboard, job_id)
@@ -290,6 +265,30 @@ def test_jobs_on_a_running_cluster_with_s3_and_an_mlflow_server(stack, ray_local
     assert not (stack.state_dir / "state.json").exists()
     assert ray.get(ray.put("still here")) == "still here"
     assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
+
+
+def stop_a_training_job(stack: Stack, client: MlflowClient, data: str, aux_weights: str, runs: str) -> None:
+    """``ray job stop`` of a training job once it has logged a step: the job ends STOPPED, its
+    MLflow run KILLED with the reason (not RUNNING), and it registers no model version."""
+    versions = len(client.search_model_versions("name = 'upsr'"))
+    stack.start("it-train-stopped", "train", "--data", data, "--aux", aux_weights, *CONFIG, "--name", "upsr-stopped",
+                "--set", "train.steps=100000", "--set", f"train.storage_path={runs}")
+    deadline = time.monotonic() + 300
+    while True:
+        found = client.search_runs([client.get_experiment_by_name("upsr").experiment_id],
+                                   "attributes.run_name = 'upsr-stopped'")
+        if found and client.get_metric_history(found[0].info.run_id, "loss"):
+            break
+        assert stack.info("it-train-stopped")["status"] not in TERMINAL, "the training job ended before it was stopped"
+        assert time.monotonic() < deadline, "the training job logged no step within 300 s"
+        time.sleep(1)
+    stopped = stack.ray("job", "stop", "--address", stack.dashboard, "it-train-stopped")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert stack.wait("it-train-stopped")["status"] == "STOPPED"
+    run = client.get_run(found[0].info.run_id)
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["end_reason"].startswith("interrupted"), run.data.tags
+    assert len(client.search_model_versions("name = 'upsr'")) == versions
 
 
 def upload_random_aux_weights(endpoint: str, uri: str) -> None:
