@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from pipelines import config as config_module
 from pipelines import registry, storage, tracking
-from pipelines.entry import run_job
+from pipelines.entry import progress_bar, run_job
 from pipelines.errors import UserError, caused_by_interrupt, last_line
 from pipelines.config import Config
 from pipelines.eval_actor import EvaluateImages
@@ -204,9 +204,12 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
         batch_size=settings.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=settings.num_actors),
         num_cpus=settings.actor_cpus, num_gpus=gpus)
-    blocks = ray.get(results.to_arrow_refs())
-    return pa.concat_tables([block.select(ACTOR_SCHEMA.names).cast(ACTOR_SCHEMA) for block in blocks]) \
-        if blocks else ACTOR_SCHEMA.empty_table()
+    tables = []
+    with progress_bar(len(eval_set.ids), "evaluate", "image") as bar:
+        for block in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tables.append(block.select(ACTOR_SCHEMA.names).cast(ACTOR_SCHEMA))
+            bar.update(block.num_rows)
+    return pa.concat_tables(tables) if tables else ACTOR_SCHEMA.empty_table()
 
 
 def aggregates(table: pa.Table) -> dict[str, dict[str, float | int | bool]]:
