@@ -86,16 +86,24 @@ def quiet_libraries() -> None:
     # jobs log what they register and where.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Raised inside Ray Train's own state export on every run; nothing of ours to change.
+
+
+def quiet_ray_warnings() -> None:
+    """After the job's imports: importing Ray puts its own filter for its deprecation warnings
+    first, so ours must come later."""
+    # Raised inside Ray Train's own data set-up on every run; nothing of ours to change.
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--verbose" not in argv:
+    quiet = "--verbose" not in argv
+    if quiet:
         quiet_libraries()
     job = next((a for a in argv if a in JOBS), None)
     args = build_parser(job).parse_args(argv)
+    if quiet:
+        quiet_ray_warnings()
     return execute(args.run, args, args.load_config)
 
 

@@ -195,6 +195,13 @@ def test_verbose_brings_back_ray_data_progress_bars_and_the_harmless_ray_warning
     assert "data_progress_bars: false" in capsys.readouterr().out
     assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == HARMLESS_RAY_LINES
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    # Ray Train's deprecation warning from inside its own data set-up stays out, whatever filter
+    # importing Ray (with the job's module, in a fresh process) added.
+    script = ("import warnings; from cli.main import main; main(['train', '--data', 'x', '--print-config']); "
+              "from ray.util.annotations import RayDeprecationWarning; "
+              "warnings.warn('`ExecutionOptions.exclude_resources` is deprecated', RayDeprecationWarning)")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    assert "exclude_resources" not in shown, shown
     # Ray Data configured from that file: its INFO lines reach only its log file, warnings the console too.
     levels = subprocess.run(
         [sys.executable, "-c", "import logging, ray.data; "
