@@ -30,22 +30,18 @@ RANDOM_LPIPS_SEED = 0
 class EvaluateImages:
     """Actor: loads the model (and the metrics' networks) once, then upscales and scores one image at a time."""
 
-    def __init__(self, model_uri: str, tracking_uri: Any, location: storage.Location, settings: dict[str, Any]):
+    def __init__(self, model_uri: str, location: storage.Location, settings: dict[str, Any], tracking_uri: Any,
+                 threads: int):
         import dataclasses
 
-        import mlflow
-        import ray
         import torch
 
-        import pipelines.registry  # noqa: F401  (registers the models:/ resolver)
         import upsr
+        from pipelines.ray_env import start_model_actor
         from upsr.config import MetricsConfig
         from upsr.config_loader import from_dict
 
-        torch.set_num_threads(settings["threads"])
-        # The driver's tracking URI: a relative default would resolve against this worker's folder.
-        mlflow.set_tracking_uri(ray.get(tracking_uri) if isinstance(tracking_uri, ray.ObjectRef) else tracking_uri)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = start_model_actor(tracking_uri, threads)
         self.pipeline = upsr.load(model_uri, device=self.device)
         if settings["max_output_pixels"] is not None:
             self.pipeline.inference_config = dataclasses.replace(

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import re
 import sys
 import tempfile
@@ -67,7 +66,7 @@ from pipelines.eval_contract import (
     table_content_hash,
 )
 from pipelines.eval_set import EvalSet, open_eval_set
-from pipelines.ray_env import actor_pool_gpus, init_ray, require_shared
+from pipelines.ray_env import actor_pool_gpus, init_ray, model_actor_arguments, require_shared
 from pipelines.synth import add_config_arguments
 from upsr.config_loader import to_dict
 from upsr.no_reference_metrics import HIGHER_IS_BETTER
@@ -182,8 +181,6 @@ def log_inputs(mlflow_client, run_id: str, config: Config, model: registry.Model
 def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, lpips: LpipsSetting,
                   no_reference: NoReferenceSetting, gpus: float) -> pa.Table:
     """The actor pool over the eval set (``gpus`` per actor); one result row per image that reached an actor."""
-    import mlflow
-    import ray
     from ray.data import ActorPoolStrategy
 
     settings = config.evaluate
@@ -194,13 +191,12 @@ def run_inference(model: registry.ModelRef, eval_set: EvalSet, config: Config, l
         "lpips_backbone": lpips.backbone, "no_reference": no_reference.plan.files,
         # None: each actor's limit is what its device's free memory holds (UPSRPipeline.max_output_pixels).
         "max_output_pixels": config.inference.max_output_pixels,
-        "panel_ids": list(eval_set.ids[:settings.side_by_side]), "threads": max(1, math.ceil(settings.actor_cpus)),
+        "panel_ids": list(eval_set.ids[:settings.side_by_side]),
     }
     results = eval_set.ray_dataset().map_batches(
         EvaluateImages,
-        # The tracking URI travels by reference: its credentials stay out of actor specs and logs.
-        fn_constructor_kwargs={"model_uri": model.load_uri, "tracking_uri": ray.put(mlflow.get_tracking_uri()),
-                               "location": eval_set.location, "settings": actor_settings},
+        fn_constructor_kwargs={"model_uri": model.load_uri, "location": eval_set.location, "settings": actor_settings,
+                               **model_actor_arguments(settings)},
         batch_size=settings.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=settings.num_actors),
         num_cpus=settings.actor_cpus, num_gpus=gpus)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 import ray
@@ -54,6 +56,27 @@ def actor_pool_gpus(settings: ActorPoolConfig, section: str) -> float:
                     "autoscaling cluster adds nodes; a fixed one needs a lower %s.num_actors)",
                     fits, settings.num_actors, section, section)
     return gpus
+
+
+def model_actor_arguments(settings: ActorPoolConfig) -> dict[str, Any]:
+    """The constructor arguments every model actor of the pool takes (``start_model_actor``)."""
+    import mlflow
+
+    # The tracking URI travels by reference: its credentials stay out of actor specs and logs.
+    return {"tracking_uri": ray.put(mlflow.get_tracking_uri()), "threads": max(1, math.ceil(settings.actor_cpus))}
+
+
+def start_model_actor(tracking_uri: ray.ObjectRef, threads: int):
+    """In a model actor: torch's threads for its CPUs, the driver's MLflow store (a relative default
+    would resolve against this worker's folder) so that ``models:/`` URIs load, and its device."""
+    import mlflow
+    import torch
+
+    import pipelines.registry  # noqa: F401  (registers the models:/ resolver)
+
+    torch.set_num_threads(threads)
+    mlflow.set_tracking_uri(ray.get(tracking_uri))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cluster_address(settings: RayConfig) -> str | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import posixpath
 import sys
@@ -219,19 +218,11 @@ class ImageUpscaler:
 class UpscaleImages:
     """Ray Data actor: an ``ImageUpscaler`` on this actor's device."""
 
-    def __init__(self, model_uri: str, tracking_uri: Any, inference: dict[str, Any], roots: list[storage.Location],
-                 out: storage.Location, threads: int):
-        import mlflow
-        import ray
-        import torch
+    def __init__(self, model_uri: str, inference: dict[str, Any], roots: list[storage.Location],
+                 out: storage.Location, tracking_uri: Any, threads: int):
+        from pipelines.ray_env import start_model_actor
 
-        import pipelines.registry  # noqa: F401  (registers the models:/ resolver)
-
-        torch.set_num_threads(threads)
-        # The driver's tracking URI: a relative default would resolve against this worker's folder.
-        mlflow.set_tracking_uri(ray.get(tracking_uri))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.upscaler = ImageUpscaler(model_uri, inference, roots, out, device)
+        self.upscaler = ImageUpscaler(model_uri, inference, roots, out, start_model_actor(tracking_uri, threads))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.upscaler.upscale(row) for row in batch.to_pylist()], schema=RESULT_SCHEMA)
@@ -269,12 +260,11 @@ def upscale_in_process(images: Images, todo: list[dict[str, Any]], model: regist
 def upscale_on_ray(images: Images, todo: list[dict[str, Any]], model: registry.ModelRef, inference,
                    out: storage.Location, config: Config):
     """The images through a Ray Data actor pool; results arrive as images finish."""
-    import mlflow
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines import tracking
-    from pipelines.ray_env import actor_pool_gpus, init_ray, require_shared
+    from pipelines.ray_env import actor_pool_gpus, init_ray, model_actor_arguments, require_shared
 
     init_ray(config.ray)
     local = {"--out": out.uri, **{f"IN {root.uri}": root.uri for root in images.roots}}
@@ -289,10 +279,8 @@ def upscale_on_ray(images: Images, todo: list[dict[str, Any]], model: registry.M
              settings.num_actors, settings.actor_cpus, gpus)
     results = ray.data.from_items(todo, override_num_blocks=min(len(todo), 64 * settings.num_actors)).map_batches(
         UpscaleImages,
-        # The tracking URI travels by reference: its credentials stay out of actor specs and logs.
-        fn_constructor_kwargs={"model_uri": model.load_uri, "tracking_uri": ray.put(mlflow.get_tracking_uri()),
-                               "inference": to_dict(inference), "roots": images.roots, "out": out,
-                               "threads": max(1, math.ceil(settings.actor_cpus))},
+        fn_constructor_kwargs={"model_uri": model.load_uri, "inference": to_dict(inference), "roots": images.roots,
+                               "out": out, **model_actor_arguments(settings)},
         batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=settings.num_actors),
         num_cpus=settings.actor_cpus, num_gpus=gpus)
     yield from results.iter_rows()
